@@ -1,0 +1,36 @@
+# nanoforge: `make help` lists the targets.
+PYTHON ?= python
+# The CPU wheel of torch 2.13.0 lies on this project's machines; pinning it first stops pip from
+# pulling a multi-GB CUDA build. GPU users: see README ("GPU machines").
+TORCH ?= torch==2.13.0
+ARGS ?=
+
+.PHONY: help install train test lint format tensorboard clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+install:  ## install torch (pinned), nanoforge (editable) and the dev tools
+	$(PYTHON) -m pip install "$(TORCH)"
+	$(PYTHON) -m pip install -e ".[dev]"
+
+train:  ## train with the default config; extra overrides: make train ARGS="model=tiny"
+	$(PYTHON) src/train.py $(ARGS)
+
+test:  ## run the test suite (offline, a few minutes on 2 CPU cores)
+	$(PYTHON) -m pytest
+
+lint:  ## ruff lint + format check
+	$(PYTHON) -m ruff check src tests
+	$(PYTHON) -m ruff format --check src tests
+
+format:  ## apply ruff's fixes and formatting
+	$(PYTHON) -m ruff check --fix src tests
+	$(PYTHON) -m ruff format src tests
+
+tensorboard:  ## browse every run's curves and samples: http://localhost:6006
+	$(PYTHON) -m tensorboard.main --logdir logs
+
+clean:  ## remove run outputs and caches (logs/ data/cache/ and test caches)
+	rm -rf logs outputs multirun data/cache .pytest_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

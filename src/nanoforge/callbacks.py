@@ -1,0 +1,175 @@
+"""Callbacks Lightning does not ship: text samples, token throughput and a run summary.
+
+Checkpointing, the learning-rate monitor and the progress bar are Lightning's own
+(``ModelCheckpoint``, ``LearningRateMonitor``, ``TQDMProgressBar``), configured in
+``configs/callbacks/default.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from nanoforge.corpora import atomic_write_bytes
+from nanoforge.errors import UserError
+
+
+class TextSamples(L.Callback):
+    """At every validation: generate from a fixed prompt with a fixed seed, add the text to
+    TensorBoard (tag ``samples``, indexed by step) and append it to ``samples.txt``.
+
+    Sampling uses its own ``torch.Generator``, so it never disturbs the training RNG.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        prompt: str = "\n",
+        max_new_tokens: int = 200,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        seed: int = 1234,
+    ):
+        self.output_dir = Path(output_dir)
+        self.prompt, self.max_new_tokens = prompt, max_new_tokens
+        self.temperature, self.top_k, self.seed = temperature, top_k, seed
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        unknown = pl_module.tokenizer.unknown_chars(self.prompt)
+        if unknown or not self.prompt:
+            raise UserError(
+                f"callbacks.text_samples.prompt {self.prompt!r} has characters the corpus "
+                f"lacks: {unknown}. Choose a prompt written with the corpus's characters."
+            )
+
+    @rank_zero_only
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or self.max_new_tokens <= 0:
+            return
+        text = self.sample(pl_module)
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                # markdown code block keeps line breaks and spacing in TensorBoard's text tab
+                logger.experiment.add_text("samples", f"```\n{text}\n```", global_step=step)
+        if not trainer.fast_dev_run:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / "samples.txt", "a", encoding="utf-8") as f:
+                f.write(f"===== step {step} =====\n{text}\n\n")
+
+    def sample(self, pl_module) -> str:
+        tok, model = pl_module.tokenizer, pl_module.model
+        was_training = model.training
+        model.eval()
+        g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        idx = torch.as_tensor(tok.encode(self.prompt), device=pl_module.device)[None]
+        ids = [
+            int(t)
+            for t in model.generate(
+                idx, self.max_new_tokens, self.temperature, self.top_k, generator=g
+            )
+        ]
+        model.train(was_training)
+        return self.prompt + tok.decode(ids)
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar without the nested validation bar, whose cursor-up escapes
+    garble the one-line ``step N: val/loss=...`` reports in logs and CI output."""
+
+    def init_validation_tqdm(self):
+        if self.trainer.state.fn == "validate":  # a validate-only run keeps its bar
+            return super().init_validation_tqdm()
+        return Tqdm(disable=True)
+
+
+class TokenThroughput(L.Callback):
+    """Logs ``throughput/tokens_per_sec``: training tokens (all ranks) per wall second,
+    averaged over the steps since the last log, with validation time excluded."""
+
+    def __init__(self):
+        self.tokens = 0  # since fit start, all ranks
+        self.train_seconds = 0.0
+        self._t0: float | None = None
+        self._window_tokens = 0
+        self._window_seconds = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._t0 is None:
+            return
+        dt = time.perf_counter() - self._t0
+        n = batch[0].numel() * trainer.world_size
+        self.tokens += n
+        self.train_seconds += dt
+        self._window_tokens += n
+        self._window_seconds += dt
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0 and self._window_seconds:
+            pl_module.log("throughput/tokens_per_sec", self._window_tokens / self._window_seconds)
+            self._window_tokens, self._window_seconds = 0, 0.0
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self.tokens / self.train_seconds if self.train_seconds else 0.0
+
+
+class RunSummary(L.Callback):
+    """Keeps the validation history and writes ``metrics.json`` when training ends: what
+    sweep reports and benchmarks read instead of parsing logs."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = Path(output_dir)
+        self.history: list[dict] = []
+        self._start = time.perf_counter()
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        m = trainer.callback_metrics
+        if "val/loss" in m:
+            self.history.append(
+                {
+                    "step": trainer.global_step,
+                    "val/loss": float(m["val/loss"]),
+                    "val/bpc": float(m["val/bpc"]),
+                }
+            )
+
+    def summary(self, trainer, pl_module) -> dict:
+        thr = next((c for c in trainer.callbacks if isinstance(c, TokenThroughput)), None)
+        best = min(self.history, key=lambda h: h["val/loss"]) if self.history else None
+        last = self.history[-1] if self.history else None
+        return {
+            "val/loss": last["val/loss"] if last else math.nan,
+            "val/bpc": last["val/bpc"] if last else math.nan,
+            "best/val/loss": best["val/loss"] if best else math.nan,
+            "best/val/bpc": best["val/bpc"] if best else math.nan,
+            "best/step": best["step"] if best else None,
+            "steps": trainer.global_step,
+            "tokens_seen": thr.tokens if thr else None,
+            "num_params": pl_module.model.num_params(),
+            "wall_seconds": time.perf_counter() - self._start,
+            "train_tokens_per_sec": thr.tokens_per_sec if thr else None,
+            "history": self.history,
+        }
+
+    @rank_zero_only
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if trainer.fast_dev_run:
+            return
+        data = json.dumps(self.summary(trainer, pl_module), indent=2) + "\n"
+        atomic_write_bytes(self.output_dir / "metrics.json", data.encode())

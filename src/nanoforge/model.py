@@ -1,0 +1,270 @@
+"""Steps 3, 4 and 6: the GPT itself, in plain PyTorch.
+
+    token ids ─► token embedding + position embedding ─► dropout
+              ─► n_layer × Block( x + Attention(LN(x)) ; x + MLP(LN(x)) )      (pre-LayerNorm)
+              ─► final LayerNorm ─► LM head (weights tied to the token embedding) ─► logits
+
+Every concept is one small class. ``CausalSelfAttention`` runs PyTorch's fused
+``scaled_dot_product_attention``; ``reference_attention`` is the same maths written out
+(explicit causal mask + softmax), kept so tests can prove the fast path is right and so a
+reader can see what the fused kernel computes. ``GPT.generate`` decodes with a KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanoforge.errors import UserError
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 65
+    block_size: int = 64  # context length: the most tokens the model attends over
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm layers (GPT-2 has them)
+    attention: str = "sdpa"  # "sdpa" (fused kernel) or "reference" (explicit mask + softmax)
+
+    def __post_init__(self):
+        checks = [
+            (self.vocab_size >= 1, f"vocab_size must be >= 1, got {self.vocab_size}"),
+            (self.block_size >= 1, f"model.block_size must be >= 1, got {self.block_size}"),
+            (self.n_layer >= 1, f"model.n_layer must be >= 1, got {self.n_layer}"),
+            (self.n_head >= 1, f"model.n_head must be >= 1, got {self.n_head}"),
+            (self.n_embd >= 1, f"model.n_embd must be >= 1, got {self.n_embd}"),
+            (
+                self.n_embd % max(self.n_head, 1) == 0,
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})",
+            ),
+            (0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}"),
+            (
+                self.attention in ("sdpa", "reference"),
+                f"model.attention must be 'sdpa' or 'reference', got {self.attention!r}",
+            ),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"unknown model option(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention written out: softmax(q kᵀ / sqrt(d) + mask) v.
+
+    q: (B, H, Tq, D), k and v: (B, H, Tk, D) with Tk >= Tq; query i sits at absolute position
+    Tk - Tq + i and may attend to keys 0 .. that position (the newest queries are last).
+    """
+    tq, tk = q.size(-2), k.size(-2)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    allowed = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return F.softmax(scores, dim=-1) @ v
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, for incremental decoding."""
+
+    def __init__(self, n_layer: int):
+        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
+
+    @property
+    def length(self) -> int:
+        first = self.layers[0]
+        return 0 if first is None else first[0].size(-2)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Append this step's k, v for ``layer``; return all keys and values so far."""
+        past = self.layers[layer]
+        if past is not None:
+            k = torch.cat([past[0], k], dim=-2)
+            v = torch.cat([past[1], v], dim=-2)
+        self.layers[layer] = (k, v)
+        return k, v
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where each position sees only itself and the past."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_embd = config.n_head, config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_scaled = True  # init scaled by 1/sqrt(2 n_layer), see GPT
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.use_reference = config.attention == "reference"
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_dim)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        dropout = self.dropout if self.training else 0.0
+        if self.use_reference:
+            y = reference_attention(q, k, v)
+            y = F.dropout(y, dropout, self.training) if dropout else y
+        elif k.size(-2) == T:  # no past: plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        elif T == 1:  # one new token attends to every cached one
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        else:  # several new tokens after a cached prefix: bottom-right aligned causal mask
+            mask = torch.ones(T, k.size(-2), dtype=torch.bool, device=x.device).tril(
+                diagonal=k.size(-2) - T
+            )
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: expand 4x, GELU, project back."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_scaled = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """One transformer block: pre-LayerNorm attention and MLP, each on a residual path."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """A GPT-2 style decoder-only transformer over a character vocabulary."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embedding
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned positions
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying: one matrix in, the same out
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2 init: N(0, 0.02); projections into the residual stream are scaled by
+        # 1/sqrt(2 n_layer) so the stream's variance does not grow with depth.
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual_scaled", False):
+                std /= math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count (the tied head counted once). ``non_embedding`` drops positions,
+        as nanoGPT and the scaling-law papers report it."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wpe.weight.numel() if non_embedding else n
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token (forward + backward): 6 N + 12 L d T (PaLM, appendix B)."""
+        c = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * c.block_size
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx: (B, T) token ids. Returns logits (B, T, vocab) and the mean cross-entropy
+        against ``targets`` (B, T) when given. With ``cache``, idx are the *new* tokens."""
+        T = idx.size(1)
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}"
+            )
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        logits = self.lm_head(self.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ):
+        """Yield (B,) new token ids one step at a time, each sampled from the model.
+
+        With ``use_cache`` the keys and values of past tokens are kept, so each step runs the
+        model on one new token. When the context window is full, the oldest quarter is
+        dropped and the cache rebuilt from the remaining tokens (positions are absolute, so a
+        cache cannot simply slide). Without the cache, every step re-runs the last
+        ``block_size`` tokens, as nanoGPT does.
+        """
+        from nanoforge.sampling import sample_next
+
+        block = self.config.block_size
+        keep = max(1, block - block // 4)
+        context = idx
+        cache: KVCache | None = None
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits, _ = self(context[:, -block:])
+            elif cache is None or cache.length >= block:
+                cache = KVCache(self.config.n_layer)
+                logits, _ = self(
+                    context[:, -(keep if context.size(1) >= block else block) :], cache=cache
+                )
+            else:
+                logits, _ = self(context[:, -1:], cache=cache)
+            nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            context = torch.cat([context, nxt[:, None]], dim=1)
+            yield nxt

@@ -1,0 +1,139 @@
+import io
+
+import pytest
+
+from nanoforge import corpora
+from nanoforge.corpora import (
+    TINYSHAKESPEARE_SHA256,
+    load_corpus,
+    load_shakespeare_plays,
+    markdown_play_to_text,
+    read_text_corpus,
+)
+from nanoforge.errors import UserError
+
+PLAY = """# Macbeth
+
+## ACT I
+
+## SCENE I. A desert place.
+
+_Thunder and lightning. Enter three Witches_
+
+**First Witch**|
+When shall we three meet again|
+In thunder, lightning, or in rain?
+
+_Alarum within. Enter DUNCAN, MALCOLM, with Attendants,
+meeting a bleeding Sergeant_
+
+**MACBETH**|
+_\\[Aside]_|
+The Prince of Cumberland! that is a step--|
+On which I must fall down.
+
+_Exit_
+
+**PAGE**|
+[Within]_|
+Who's there?
+""".replace("|\n", "  \n")  # markdown hard breaks: two trailing spaces
+
+
+def test_markdown_play_becomes_tiny_shakespeare_style():
+    text = markdown_play_to_text(PLAY)
+    assert text == (
+        "First Witch:\nWhen shall we three meet again\nIn thunder, lightning, or in rain?\n\n"
+        "MACBETH:\nThe Prince of Cumberland! that is a step--\nOn which I must fall down.\n\n"
+        "PAGE:\nWho's there?"
+    )
+
+
+def test_embedded_corpus_is_plain_text_with_speakers():
+    text = load_shakespeare_plays()
+    assert len(text) > 4_000_000  # 38 plays
+    assert "\nROMEO:\n" in text and "\nHAMLET:\n" in text
+    for markup in ("**", "_", "#", "\\", "[", "]"):
+        assert markup not in text, markup
+    assert text == load_shakespeare_plays()  # same text every time (sorted files)
+
+
+def test_text_corpus_file_and_directory(tmp_path):
+    (tmp_path / "b.txt").write_text("second\n", encoding="utf-8")
+    (tmp_path / "a.txt").write_text("first\n", encoding="utf-8")
+    (tmp_path / "skip.md").write_text("not text corpus", encoding="utf-8")
+    assert read_text_corpus(tmp_path) == "first\n\n\nsecond\n"
+    assert read_text_corpus(tmp_path / "a.txt") == "first\n"
+
+
+@pytest.mark.parametrize(
+    "setup, expected",
+    [
+        (lambda p: p / "missing.txt", "does not exist"),
+        (lambda p: (p / "empty_dir").mkdir() or p / "empty_dir", "no .txt files"),
+        (lambda p: (p / "e.txt").write_text("  \n") and p / "e.txt", "empty"),
+        (lambda p: (p / "bin.txt").write_bytes(b"abc\x00\x01\x02") and p / "bin.txt", "binary"),
+    ],
+)
+def test_bad_paths_are_clear_errors(tmp_path, setup, expected):
+    with pytest.raises(UserError, match=expected):
+        read_text_corpus(setup(tmp_path))
+
+
+def test_invalid_utf8_names_file_and_offset(tmp_path):
+    p = tmp_path / "latin1.txt"
+    p.write_bytes(b"caf" + b"\xe9 au lait")
+    with pytest.raises(UserError) as e:
+        read_text_corpus(p)
+    assert str(p) in str(e.value) and "byte offset 3" in str(e.value)
+
+
+def test_text_corpus_needs_a_path():
+    with pytest.raises(UserError, match="data.path"):
+        load_corpus("text", None)
+
+
+def test_tinyshakespeare_offline_says_to_pass_data_path(tmp_path, monkeypatch):
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(corpora.urllib.request, "urlopen", offline)
+    with pytest.raises(UserError, match="data.path"):
+        load_corpus("tinyshakespeare", None, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tinyshakespeare_wrong_hash_caches_nothing(tmp_path, monkeypatch):
+    class Resp(io.BytesIO):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+    monkeypatch.setattr(corpora.urllib.request, "urlopen", lambda *a, **k: Resp(b"not it"))
+    with pytest.raises(UserError, match="sha256"):
+        load_corpus("tinyshakespeare", None, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tinyshakespeare_good_download_is_cached(tmp_path, monkeypatch):
+    data = b"pretend corpus\n"
+    monkeypatch.setattr(corpora, "TINYSHAKESPEARE_SHA256", corpora.sha256_bytes(data))
+
+    class Resp(io.BytesIO):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+    calls = []
+    monkeypatch.setattr(
+        corpora.urllib.request, "urlopen", lambda *a, **k: calls.append(1) or Resp(data)
+    )
+    assert load_corpus("tinyshakespeare", None, tmp_path) == data.decode()
+    assert load_corpus("tinyshakespeare", None, tmp_path) == data.decode()
+    assert len(calls) == 1  # the second read came from the cache
+    assert [p.name for p in tmp_path.iterdir()] == ["tinyshakespeare.txt"]
+    assert TINYSHAKESPEARE_SHA256.startswith("86c4e6aa")

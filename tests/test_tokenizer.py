@@ -1,0 +1,80 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nanoforge.errors import UserError
+from nanoforge.tokenizer import CharTokenizer
+from tests.conftest import ROOT, make_text
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
+
+
+def test_roundtrip_and_sorted_vocab():
+    tok = CharTokenizer.from_text(TEXT)
+    assert tok.chars == sorted(set(TEXT))
+    assert tok.vocab_size == len(set(TEXT))
+    ids = tok.encode(TEXT)
+    assert ids.dtype == np.int64 and len(ids) == len(TEXT)
+    assert tok.decode(ids) == TEXT
+    # ids are indices into the sorted vocabulary
+    assert ids[0] == tok.chars.index("F")
+
+
+def test_unseen_characters_error_lists_them():
+    tok = CharTokenizer.from_text(TEXT)
+    with pytest.raises(UserError) as e:
+        tok.encode("Hear me, Zeus! ~")
+    msg = str(e.value)
+    assert "'Z'" in msg and "'~'" in msg and "never saw" in msg
+    assert tok.unknown_chars("Zz~") == ["Z", "~"]  # 'z' is in "Citizen"
+
+
+def test_vocabulary_identical_across_processes():
+    """The vocabulary must not depend on string hashing (PYTHONHASHSEED) or the process."""
+    code = (
+        "import json,sys; sys.path.insert(0,'src');"
+        "from nanoforge.tokenizer import CharTokenizer;"
+        "from tests.conftest import make_text;"
+        "print(json.dumps(CharTokenizer.from_text(make_text(5000, seed=3)).chars))"
+    )
+    outs = set()
+    for hashseed in ("1", "2", "random"):
+        r = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env={"PYTHONHASHSEED": hashseed, "PATH": ""},
+            cwd=ROOT,
+            check=True,
+        )
+        outs.add(r.stdout.strip())
+    assert len(outs) == 1
+    assert json.loads(outs.pop()) == sorted(set(make_text(5000, seed=3)))
+
+
+def test_state_dict_roundtrip_and_foreign_state_rejected():
+    tok = CharTokenizer.from_text(TEXT)
+    again = CharTokenizer.from_state_dict(tok.state_dict())
+    assert again == tok and again.decode(again.encode(TEXT)) == TEXT
+    with pytest.raises(UserError):
+        CharTokenizer.from_state_dict({"type": "bpe", "merges": []})
+
+
+def test_non_ascii_characters():
+    text = "naïve café — ὦ Ζεῦ 🙂"
+    tok = CharTokenizer.from_text(text)
+    assert tok.decode(tok.encode(text)) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=200))
+def test_any_string_over_the_vocabulary_roundtrips(s):
+    tok = CharTokenizer.from_text(s)
+    ids = tok.encode(s)
+    assert tok.decode(ids) == s
+    assert ids.min() >= 0 and ids.max() < tok.vocab_size

@@ -1,0 +1,191 @@
+"""End to end: the real `python src/train.py` in subprocesses, and what a run leaves behind."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import make_text, run_entry
+
+pytestmark = pytest.mark.slow
+
+
+def run_dirs(cwd: Path) -> list[Path]:
+    return sorted((cwd / "logs" / "train" / "runs").glob("*"))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """One short real training run on the embedded corpus, shared by the checks below."""
+    cwd = tmp_path_factory.mktemp("train")
+    r = run_entry(
+        "train.py",
+        "model=tiny",
+        "trainer.max_steps=40",
+        "trainer.val_check_interval=20",
+        "data.val_batches=4",
+        "callbacks.text_samples.max_new_tokens=80",
+        cwd=cwd,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    (run,) = run_dirs(cwd)
+    run.joinpath("stdout.txt").write_text(r.stdout)
+    return run
+
+
+def test_run_directory_layout(trained_run):
+    assert (trained_run / ".hydra" / "config.yaml").is_file()
+    assert {p.name for p in (trained_run / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
+    assert any((trained_run / "tensorboard").glob("events.out.tfevents.*"))
+    out = (trained_run / "stdout.txt").read_text()
+    assert "step 20: val/loss=" in out and "step 40: val/loss=" in out and "val/bpc=" in out
+
+
+def test_metrics_json(trained_run):
+    m = json.loads((trained_run / "metrics.json").read_text())
+    assert m["steps"] == 40
+    assert m["tokens_seen"] == 40 * 12 * 32  # steps x batch x block
+    assert m["best/val/loss"] <= m["val/loss"] and m["val/bpc"] == pytest.approx(
+        m["val/loss"] / 0.6931471805599453, rel=1e-6
+    )
+    assert [h["step"] for h in m["history"]] == [20, 40]
+    assert m["num_params"] > 0 and m["wall_seconds"] > 0 and m["train_tokens_per_sec"] > 0
+
+
+def test_checkpoint_is_self_contained(trained_run):
+    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    assert hp["model"]["n_layer"] == 2 and hp["tokenizer"]["type"] == "char"
+    assert len(hp["tokenizer"]["chars"]) == hp["model"]["vocab_size"]
+    assert ckpt["global_step"] == 40
+
+
+def test_samples_txt(trained_run):
+    text = (trained_run / "samples.txt").read_text()
+    assert text.count("===== step ") == 2 and "===== step 40 =====" in text
+
+
+def test_tensorboard_events_hold_scalars_and_text(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(trained_run / "tensorboard"), size_guidance={"tensors": 0}).Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "val/bpc", "lr", "throughput/tokens_per_sec"} <= scalars
+    assert [e.step for e in acc.Scalars("val/loss")] == [20, 40]
+    lrs = [e.value for e in acc.Scalars("lr")]
+    assert lrs[0] < max(lrs)  # warmup visible
+    text_tags = [t for t in acc.Tags()["tensors"] if t.startswith("samples")]
+    assert text_tags
+    events = acc.Tensors(text_tags[0])
+    assert [e.step for e in events] == [20, 40]
+    assert len(events[-1].tensor_proto.string_val[0].decode()) > 80
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tensorboard_server_lists_the_run(trained_run):
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(trained_run.parent),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--reload_interval",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline, tags = time.time() + 90, {}
+        while time.time() < deadline:
+            try:
+                url = f"http://127.0.0.1:{port}/data/plugin/scalars/tags"
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    tags = json.load(r)
+                if tags:
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        (run_tags,) = [v for k, v in tags.items() if trained_run.name in k]
+        assert {"train/loss", "val/loss", "val/bpc", "lr"} <= set(run_tags)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_fast_dev_run_and_simultaneous_runs_get_their_own_directories(tmp_path):
+    """`debug=fdr` runs the real entry point; two runs started together never share a dir."""
+    args = [
+        sys.executable,
+        str(Path(__file__).parents[1] / "src" / "train.py"),
+        "debug=fdr",
+        "model=tiny",
+    ]
+    procs = [
+        subprocess.Popen(
+            args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=180) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+        assert "step 1: val/loss=" in out
+    dirs = run_dirs(tmp_path)
+    assert len(dirs) == 2 and dirs[0] != dirs[1]
+    for d in dirs:
+        assert (d / ".hydra" / "config.yaml").is_file()
+        assert not list(d.glob("checkpoints/*.ckpt"))  # fast_dev_run saves nothing
+
+
+def test_user_error_exits_2_with_a_message_and_leaves_nothing(tmp_path):
+    r = run_entry(
+        "train.py",
+        "data=text",
+        "data.path=does/not/exist.txt",
+        "model=tiny",
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert r.returncode == 2
+    assert "error: data.path" in r.stderr and "does not exist" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert run_dirs(tmp_path) == []
+
+
+def test_text_corpus_from_a_generated_file(tmp_path):
+    (tmp_path / "corpus.txt").write_text(make_text(30_000), encoding="utf-8")
+    r = run_entry(
+        "train.py",
+        "data=text",
+        "data.path=corpus.txt",
+        "model=tiny",
+        "trainer.max_steps=10",
+        "trainer.val_check_interval=10",
+        "logger=csv",
+        "data.val_batches=2",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = run_dirs(tmp_path)
+    assert "val/loss" in (run / "csv" / "metrics.csv").read_text().splitlines()[0]
