@@ -4,8 +4,9 @@ PYTHON ?= python
 # pulling a multi-GB CUDA build. GPU users: see README ("GPU machines").
 TORCH ?= torch==2.13.0
 ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: help install train test lint format tensorboard clean
+.PHONY: help install train test lint format tensorboard clean bench
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -21,12 +22,16 @@ test:  ## run the test suite (offline, a few minutes on 2 CPU cores)
 	$(PYTHON) -m pytest
 
 lint:  ## ruff lint + format check
-	$(PYTHON) -m ruff check src tests
-	$(PYTHON) -m ruff format --check src tests
+	$(PYTHON) -m ruff check src tests bench
+	$(PYTHON) -m ruff format --check src tests bench
 
 format:  ## apply ruff's fixes and formatting
-	$(PYTHON) -m ruff check --fix src tests
-	$(PYTHON) -m ruff format src tests
+	$(PYTHON) -m ruff check --fix src tests bench
+	$(PYTHON) -m ruff format src tests bench
+
+bench:  ## speed vs nanoGPT + generation (NANOGPT_DIR=checkout; bench/README.md)
+	$(PYTHON) bench/compare.py $(BENCH_ARGS)
+	$(PYTHON) bench/generation.py
 
 tensorboard:  ## browse every run's curves and samples: http://localhost:6006
 	$(PYTHON) -m tensorboard.main --logdir logs

@@ -19,4 +19,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv = hydra_setup.expand_resume(sys.argv)  # resume=RUN_DIR continues a run in place
     main()

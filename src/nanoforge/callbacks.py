@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import lightning as L
 import torch
@@ -123,6 +127,14 @@ class TokenThroughput(L.Callback):
     def tokens_per_sec(self) -> float:
         return self.tokens / self.train_seconds if self.train_seconds else 0.0
 
+    # counts survive a resume (Lightning stores callback state in the checkpoint)
+    def state_dict(self) -> dict:
+        return {"tokens": self.tokens, "train_seconds": self.train_seconds}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.tokens = int(state_dict.get("tokens", 0))
+        self.train_seconds = float(state_dict.get("train_seconds", 0.0))
+
 
 class RunSummary(L.Callback):
     """Keeps the validation history and writes ``metrics.json`` when training ends: what
@@ -132,9 +144,20 @@ class RunSummary(L.Callback):
         self.output_dir = Path(output_dir)
         self.history: list[dict] = []
         self._start = time.perf_counter()
+        self._earlier_seconds = 0.0  # wall time of the runs this one resumed
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._start = time.perf_counter()
+
+    def state_dict(self) -> dict:
+        return {
+            "history": self.history,
+            "wall_seconds": self._earlier_seconds + time.perf_counter() - self._start,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict.get("history", []))
+        self._earlier_seconds = float(state_dict.get("wall_seconds", 0.0))
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -162,7 +185,7 @@ class RunSummary(L.Callback):
             "steps": trainer.global_step,
             "tokens_seen": thr.tokens if thr else None,
             "num_params": pl_module.model.num_params(),
-            "wall_seconds": time.perf_counter() - self._start,
+            "wall_seconds": self._earlier_seconds + time.perf_counter() - self._start,
             "train_tokens_per_sec": thr.tokens_per_sec if thr else None,
             "history": self.history,
         }
@@ -173,3 +196,73 @@ class RunSummary(L.Callback):
             return
         data = json.dumps(self.summary(trainer, pl_module), indent=2) + "\n"
         atomic_write_bytes(self.output_dir / "metrics.json", data.encode())
+
+
+class GracefulStop(L.Callback):
+    """SIGTERM (what SLURM and `kill` send) or Ctrl-C: finish the current step, save
+    ``checkpoints/last.ckpt``, stop, flush the loggers and write metrics.json as usual.
+
+    Lightning's own SIGTERM handling would, with our endless training stream, either wait for
+    an epoch end that never comes or exit with code 0 from inside validation; so this callback
+    installs its own handlers for the length of training and acts after the current optimizer
+    step, on every rank at the same step. A second Ctrl-C interrupts at once.
+    """
+
+    EXIT_CODES: ClassVar[dict[str, int]] = {"SIGTERM": 143, "SIGINT": 130}
+
+    def __init__(self, output_dir: str):
+        self.output_dir = Path(output_dir)
+        self.signal: str | None = None
+        self.saved: Path | None = None
+        self._previous: dict = {}
+
+    def _handler(self, trainer):
+        def handle(signum, frame):
+            name = signal.Signals(signum).name
+            if self.signal is not None and name == "SIGINT":
+                raise KeyboardInterrupt  # second Ctrl-C: abort now
+            if self.signal is None:
+                self.signal = name
+                print(f"\n{name}: saving and stopping after this step", file=sys.stderr, flush=True)
+                launcher = trainer.strategy.launcher  # forward to DDP child processes
+                if launcher is not None and hasattr(launcher, "kill") and name == "SIGTERM":
+                    launcher.kill(signum)
+
+        return handle
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handler(trainer))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stop = self.signal is not None
+        if trainer.world_size > 1:  # stop on every rank at the same step, or DDP deadlocks
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop or trainer.should_stop:
+            return
+        self.signal = self.signal or "SIGTERM"
+        ckpt_cb = trainer.checkpoint_callback
+        folder = self.output_dir / "checkpoints"
+        if ckpt_cb is not None and ckpt_cb.dirpath:
+            folder = Path(ckpt_cb.dirpath)
+        self.saved = folder / "last.ckpt"
+        trainer.save_checkpoint(self.saved, weights_only=False)  # the full training state
+        trainer.should_stop = True
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    @property
+    def exit_code(self) -> int:
+        return self.EXIT_CODES.get(self.signal or "", 0)
+
+    def resume_hint(self, step: int) -> str:
+        return (
+            f"{self.signal} received: stopped at step {step} and saved {self.saved}. "
+            f"Resume with: python src/train.py resume={self.output_dir}"
+        )

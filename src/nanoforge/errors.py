@@ -7,3 +7,22 @@ fix) and exit non-zero without a traceback. Anything else is a bug and keeps its
 
 class UserError(Exception):
     """A problem the user can fix: bad config, missing data, a foreign checkpoint, ..."""
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN or infinite: training stops, the last good checkpoint is kept."""
+
+
+def find_user_error(exc: BaseException | None) -> BaseException | None:
+    """The user-fixable error behind ``exc``, following ``raise ... from`` chains (Hydra's
+    ``instantiate`` wraps exceptions raised by the objects it builds). Lightning's
+    ``MisconfigurationException`` counts too: it names a bad trainer setting."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, UserError | MisconfigurationException):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None

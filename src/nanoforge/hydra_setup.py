@@ -23,6 +23,10 @@ def register_resolvers() -> None:
     # `${pid:}` makes run directories unique even for runs started in the same second
     if not OmegaConf.has_resolver("pid"):
         OmegaConf.register_new_resolver("pid", lambda: os.getpid(), use_cache=True)
+    # `${parallel_jobs:}`: jobs at once under hydra/launcher=parallel (GPUs, else cores)
+    from nanoforge import launch
+
+    launch.register_resolvers()
 
 
 def register_experiments(folder: Path = EXPERIMENTS_DIR) -> None:
@@ -70,21 +74,6 @@ def fail(message: str, output_dir: str | None = None, fresh: bool = False) -> No
     sys.exit(2)
 
 
-def _user_error(exc: BaseException) -> BaseException | None:
-    """The user-fixable error behind ``exc`` (Hydra's instantiate wraps them), if any."""
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    from nanoforge.errors import UserError
-
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, UserError | MisconfigurationException):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
 def _is_fresh(output_dir: Path, job_name: str) -> bool:
     """True when the run directory holds only what Hydra wrote at start-up."""
     try:
@@ -94,25 +83,82 @@ def _is_fresh(output_dir: Path, job_name: str) -> bool:
 
 
 def run_task(cfg: DictConfig, task: str):
-    """Run one entry point's task; user errors end with a message and exit code 2."""
+    """Run one entry point's task; user errors end with a message and exit code 2.
+
+    In a sweep (``-m``) a failing job raises instead of exiting: Hydra records it as failed,
+    the other jobs still run and the sweep report lists it (see nanoforge.launch).
+    """
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from nanoforge.errors import find_user_error
 
     hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
     output_dir = Path(hc.runtime.output_dir)
     fresh = _is_fresh(output_dir, hc.job.name)
     try:
         if task == "train":
+            from nanoforge.launch import job_scope, sweep_objective
             from nanoforge.training import train
 
             if cfg.get("print_config", True):
                 print_config_tree(cfg)
-            metrics = train(cfg)
-            return metrics.get(cfg.get("optimized_metric") or "val/loss")
+            with job_scope(cfg):  # in a sweep: the job's GPU or threads, its DDP ranks' dir
+                metrics = train(cfg)
+            return sweep_objective(metrics, cfg.get("optimized_metric") or "val/loss", multirun)
+        if task == "generate":
+            from nanoforge.inference import generate
+
+            return generate(cfg)
+        if task == "eval":
+            from nanoforge.inference import evaluate
+
+            return evaluate(cfg)
         raise ValueError(f"unknown task {task!r}")
     except Exception as e:
-        err = _user_error(e)
+        err = find_user_error(e)
         if err is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        if multirun:  # the job is marked failed (its directory kept for the report)
+            print(f"error: {err}", file=sys.stderr, flush=True)
             raise
         # a run that started in a new directory and saved no checkpoint leaves nothing behind
         saved = any(output_dir.glob("checkpoints/*.ckpt"))
         fail(str(err), str(output_dir), fresh and not saved)
+
+
+def expand_resume(argv: list[str]) -> list[str]:
+    """Turn ``resume=RUN_DIR`` into the overrides that continue that run in place.
+
+    The run's recorded overrides (``RUN_DIR/.hydra/overrides.yaml``) are replayed first, the new
+    command-line overrides go on top (a key given again replaces the recorded one), and the run
+    continues from ``RUN_DIR/checkpoints/last.ckpt`` in ``RUN_DIR`` itself: same TensorBoard
+    run, same samples.txt, same metrics.json.
+    """
+    resume = [a for a in argv[1:] if a.startswith("resume=")]
+    if not resume:
+        return argv
+    run_dir = Path(resume[-1].split("=", 1)[1]).expanduser()
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not overrides_file.is_file():
+        fail(
+            f"resume={run_dir}: not a run directory (no .hydra/overrides.yaml). "
+            "Pass the directory of an earlier training run."
+        )
+    if not last.is_file():
+        fail(
+            f"resume={run_dir}: the run has no checkpoints/last.ckpt to resume from "
+            "(it stopped before its first checkpoint); start it again instead."
+        )
+
+    def key(override: str) -> str:
+        return override.split("=", 1)[0].lstrip("+~")
+
+    new = [a for a in argv[1:] if not a.startswith("resume=")]
+    new_keys = {key(a) for a in new if "=" in a}
+    dropped = {"ckpt_path", "hydra.run.dir"}
+    recorded = [str(o) for o in OmegaConf.load(overrides_file)]
+    replay = [o for o in recorded if key(o) not in new_keys | dropped]
+    return [argv[0], *replay, *new, f"hydra.run.dir={run_dir}", f"ckpt_path={last}"]

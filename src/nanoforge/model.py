@@ -8,6 +8,13 @@ Every concept is one small class. ``CausalSelfAttention`` runs PyTorch's fused
 ``scaled_dot_product_attention``; ``reference_attention`` is the same maths written out
 (explicit causal mask + softmax), kept so tests can prove the fast path is right and so a
 reader can see what the fused kernel computes. ``GPT.generate`` decodes with a KV cache.
+
+That is the classic GPT-2 block, and the default. ``GPTConfig`` also switches on, one by one,
+the changes that made modded-nanogpt and nanochat train faster (all off by default):
+``position="rotary"`` (rotate q and k by their position instead of adding learned position
+vectors), ``norm="rmsnorm"``, ``activation="relu2"`` (ReLU squared in the MLP), ``qk_norm``
+(RMS-normalise q and k per head), ``zero_init`` (output projections start at zero, so every
+block starts as the identity) and ``tie_head=False`` (a separate LM head).
 """
 
 from __future__ import annotations
@@ -32,6 +39,14 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers (GPT-2 has them)
     attention: str = "sdpa"  # "sdpa" (fused kernel) or "reference" (explicit mask + softmax)
+    # architecture options (the defaults are the classic GPT-2 block)
+    position: str = "learned"  # "learned" (added embedding) or "rotary" (RoPE on q and k)
+    rope_base: float = 10000.0  # rotary: the wavelength base of the lowest frequency
+    norm: str = "layernorm"  # "layernorm" or "rmsnorm"
+    activation: str = "gelu"  # MLP non-linearity: "gelu" or "relu2" (ReLU squared)
+    qk_norm: bool = False  # RMS-normalise queries and keys per head before attention
+    zero_init: bool = False  # output projections (and an untied head) start at zero
+    tie_head: bool = True  # the LM head shares the token embedding's weights
 
     def __post_init__(self):
         checks = [
@@ -48,6 +63,23 @@ class GPTConfig:
             (
                 self.attention in ("sdpa", "reference"),
                 f"model.attention must be 'sdpa' or 'reference', got {self.attention!r}",
+            ),
+            (
+                self.position in ("learned", "rotary"),
+                f"model.position must be 'learned' or 'rotary', got {self.position!r}",
+            ),
+            (
+                self.position != "rotary" or (self.n_embd // max(self.n_head, 1)) % 2 == 0,
+                f"model.position=rotary needs an even head size, got {self.n_embd}/{self.n_head}",
+            ),
+            (self.rope_base > 1.0, f"model.rope_base must be > 1, got {self.rope_base}"),
+            (
+                self.norm in ("layernorm", "rmsnorm"),
+                f"model.norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}",
+            ),
+            (
+                self.activation in ("gelu", "relu2"),
+                f"model.activation must be 'gelu' or 'relu2', got {self.activation!r}",
             ),
         ]
         for ok, msg in checks:
@@ -77,6 +109,34 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     allowed = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
     scores = scores.masked_fill(~allowed, float("-inf"))
     return F.softmax(scores, dim=-1) @ v
+
+
+def rotary_tables(head_dim: int, positions: int, base: float = 10000.0):
+    """cos and sin tables (positions, head_dim / 2) for rotary position embeddings (RoPE).
+
+    Channel pair i of a head turns by angle ``pos · base^(-2i/head_dim)``: fast turns in the
+    first pairs, slow ones in the last, so the dot product of a rotated query and key depends
+    on their distance, not on where they sit.
+    """
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(positions, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, D) by the angles of its T positions: cos, sin are (T, D/2).
+
+    The two halves of each head are the two coordinates of D/2 planes (GPT-NeoX layout).
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=1e-5)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
 
 
 class KVCache:
@@ -112,12 +172,23 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.use_reference = config.attention == "reference"
+        self.qk_norm = config.qk_norm
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0):
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.qk_norm:  # unit RMS per head: attention logits stay bounded
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if rope is not None:  # rotate by absolute position; the cache keeps rotated keys
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         dropout = self.dropout if self.training else 0.0
@@ -137,13 +208,20 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+class ReLU2(nn.Module):
+    """ReLU squared, max(0, x)²: sparse like ReLU, smooth at 0 (modded-nanogpt, Primer)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
 class MLP(nn.Module):
-    """Position-wise feed-forward network: expand 4x, GELU, project back."""
+    """Position-wise feed-forward network: expand 4x, GELU (or ReLU²), project back."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.gelu = ReLU2() if config.activation == "relu2" else nn.GELU()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_scaled = True
         self.dropout = nn.Dropout(config.dropout)
@@ -157,13 +235,19 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        x = x + self.attn(self.ln_1(x), cache, layer, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -174,22 +258,40 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embedding
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned positions
+        if config.position == "learned":
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned positions
+        else:  # rotary: no position parameters, fixed angle tables (not saved in checkpoints)
+            self.wpe = None
+            cos, sin = rotary_tables(
+                config.n_embd // config.n_head, config.block_size, config.rope_base
+            )
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying: one matrix in, the same out
+        if config.tie_head:
+            self.lm_head.weight = self.wte.weight  # weight tying: one matrix in, the same out
+        else:
+            self.lm_head.zero_init = True  # an untied head starts at zero under zero_init
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
         # GPT-2 init: N(0, 0.02); projections into the residual stream are scaled by
-        # 1/sqrt(2 n_layer) so the stream's variance does not grow with depth.
+        # 1/sqrt(2 n_layer) so the stream's variance does not grow with depth. With
+        # zero_init they start at zero instead: each block begins as the identity.
         if isinstance(module, nn.Linear):
             std = 0.02
             if getattr(module, "residual_scaled", False):
                 std /= math.sqrt(2 * self.config.n_layer)
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            zero = self.config.zero_init and (
+                getattr(module, "residual_scaled", False) or getattr(module, "zero_init", False)
+            )
+            if zero:
+                nn.init.zeros_(module.weight)
+            else:
+                nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -197,9 +299,11 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count (the tied head counted once). ``non_embedding`` drops positions,
-        as nanoGPT and the scaling-law papers report it."""
+        as nanoGPT and the scaling-law papers report it (rotary positions have none)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.wpe.weight.numel() if non_embedding else n
+        if non_embedding and self.wpe is not None:
+            n -= self.wpe.weight.numel()
+        return n
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward + backward): 6 N + 12 L d T (PaLM, appendix B)."""
@@ -220,10 +324,15 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}"
             )
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
+        x = self.wte(idx)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i)
+            x = block(x, cache, i, rope)
         logits = self.lm_head(self.ln_f(x))
         loss = None
         if targets is not None:

@@ -9,18 +9,34 @@ cfg.trainer / callbacks / logger -> lightning.Trainer
 from __future__ import annotations
 
 import logging
+import sys
+from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
 from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from omegaconf import DictConfig, OmegaConf
 
-from nanoforge.callbacks import RunSummary
-from nanoforge.errors import UserError
+from nanoforge.callbacks import GracefulStop, RunSummary
+from nanoforge.checkpoint import check_resumable
+from nanoforge.errors import UserError, find_user_error
 from nanoforge.module import GPTModule
 
 log = logging.getLogger(__name__)
+
+
+def instantiate(config: DictConfig, **kwargs) -> Any:
+    """hydra.utils.instantiate, but a UserError raised while building stays a UserError
+    (Hydra wraps it in an InstantiationException otherwise)."""
+    try:
+        return hydra_instantiate(config, **kwargs)
+    except InstantiationException as e:
+        err = find_user_error(e)
+        if isinstance(err, UserError):
+            raise err from None
+        raise
 
 
 def _instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -54,6 +70,15 @@ def build(cfg: DictConfig):
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         tokenizer=tok.state_dict(),
         compile=bool(cfg.get("compile", False)),
+        skip_nonfinite=bool(cfg.get("skip_nonfinite_loss", False)),
+        data={
+            "corpus": datamodule.corpus,
+            "path": str(Path(datamodule.path).resolve()) if datamodule.path else None,
+            "val_fraction": datamodule.val_fraction,
+            "cache_dir": str(Path(datamodule.cache_dir).resolve())
+            if datamodule.cache_dir
+            else None,
+        },
     )
     callbacks = _instantiate_group(cfg.get("callbacks"))
     if not cfg.trainer.get("enable_progress_bar", True):  # one switch turns the bar off
@@ -71,6 +96,15 @@ def train(cfg: DictConfig) -> dict:
         f"GPT with {n / 1e6:.2f}M parameters, vocab {module.tokenizer.vocab_size}, "
         f"{len(datamodule.train_ids):,} train / {len(datamodule.val_ids):,} val tokens"
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path:  # a clear error now for a missing, truncated or foreign checkpoint
+        check_resumable(ckpt_path)
+    # weights_only=True: resuming never unpickles code
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    stop = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
+    if stop is not None and stop.signal:  # SIGTERM / Ctrl-C: saved, flushed; say how to resume
+        if trainer.is_global_zero:
+            print(stop.resume_hint(trainer.global_step), file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
     summary = next((c for c in trainer.callbacks if isinstance(c, RunSummary)), None)
     return summary.summary(trainer, module) if summary else {}

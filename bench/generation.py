@@ -1,0 +1,68 @@
+"""Generation speed with and without the KV cache (random weights; speed does not depend on them).
+
+    python bench/generation.py                      # model=small and model=medium, 1000 tokens
+    python bench/generation.py --models small --tokens 200 --repeats 1
+
+Prints tokens/sec for each mode and the speed-up; record the output in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from nanoforge.model import GPT, GPTConfig  # noqa: E402
+
+
+def tokens_per_sec(model: GPT, n_tokens: int, use_cache: bool, seed: int = 0) -> float:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.zeros(1, 1, dtype=torch.long)
+    start = time.perf_counter()
+    for _ in model.generate(idx, n_tokens, temperature=1.0, generator=g, use_cache=use_cache):
+        pass
+    return n_tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["small", "medium"])
+    ap.add_argument("--tokens", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=3, help="alternating cache/no-cache pairs")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    print(
+        f"# generation benchmark, {date.today()}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    print(f"# {args.tokens} new tokens from a 1-token prompt, batch 1, median of {args.repeats}")
+    print("| model | params | no cache (tok/s) | KV cache (tok/s) | speed-up |")
+    print("|---|---|---|---|---|")
+    for name in args.models:
+        d = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / f"{name}.yaml"))
+        model = GPT(GPTConfig(**{**d, "vocab_size": 65})).eval()
+        with torch.inference_mode():
+            tokens_per_sec(model, 20, True)  # warm-up
+            plain, cached = [], []
+            for r in range(args.repeats):  # alternate so drift hits both alike
+                plain.append(tokens_per_sec(model, args.tokens, False, r))
+                cached.append(tokens_per_sec(model, args.tokens, True, r))
+        p, c = statistics.median(plain), statistics.median(cached)
+        print(
+            f"| {name} | {model.num_params() / 1e6:.2f}M | {p:.1f} | {c:.1f} | {c / p:.1f}x |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

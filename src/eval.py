@@ -1,0 +1,22 @@
+"""Evaluate a checkpoint on a whole validation split: ``python src/eval.py ckpt=PATH``."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without install
+
+import hydra
+from omegaconf import DictConfig
+
+from nanoforge import hydra_setup
+
+hydra_setup.setup()
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    hydra_setup.run_task(cfg, "eval")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""Generate text from a checkpoint: ``python src/generate.py ckpt=PATH prompt="ROMEO:"``."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without install
+
+import hydra
+from omegaconf import DictConfig
+
+from nanoforge import hydra_setup
+
+hydra_setup.setup()
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="generate")
+def main(cfg: DictConfig) -> None:
+    hydra_setup.run_task(cfg, "generate")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Reading checkpoints safely: a checkpoint alone rebuilds the model and its tokenizer.
+
+Checkpoints are loaded with ``torch.load(weights_only=True)``: tensors and plain containers only,
+so a malicious file cannot run code. Anything that is not a nanoforge checkpoint (a truncated
+file, another program's checkpoint, random bytes) ends in a :class:`UserError` that says so.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from nanoforge.errors import UserError
+from nanoforge.model import GPT, GPTConfig
+from nanoforge.tokenizer import CharTokenizer
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A ``.ckpt`` file, or a run directory (then its best checkpoint, else its last)."""
+    if path is None or str(path) in ("", "None"):
+        raise UserError("no checkpoint given: pass ckpt=PATH (a .ckpt file or a run directory)")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(
+            f"checkpoint {str(p)!r} does not exist: pass a .ckpt file or a run directory"
+        )
+    if p.is_dir():
+        for candidate in (
+            p / "checkpoints" / "best.ckpt",
+            p / "checkpoints" / "last.ckpt",
+            p / "best.ckpt",
+            p / "last.ckpt",
+        ):
+            if candidate.is_file():
+                return candidate
+        raise UserError(
+            f"{str(p)!r} holds no checkpoints/best.ckpt or checkpoints/last.ckpt: pass a run "
+            "directory that finished at least one validation, or a .ckpt file"
+        )
+    return p
+
+
+def load_raw(path: Path, map_location="cpu") -> dict:
+    """torch.load with weights_only=True, turning every failure into a clear UserError."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(
+            f"{str(path)!r} is not a plain-weights checkpoint (it contains pickled code or "
+            f"objects, refused for safety: {str(e).splitlines()[0]}). Use a checkpoint saved by "
+            "nanoforge."
+        ) from None
+    except Exception as e:  # zip errors, EOF, garbage parsed as a legacy pickle, ...
+        raise UserError(
+            f"{str(path)!r} is not a readable checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else 'truncated or corrupt'}). It may be "
+            "truncated or not a checkpoint at all; use another .ckpt (e.g. last.ckpt)."
+        ) from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{str(path)!r} is not a nanoforge checkpoint (no dict inside)")
+    return ckpt
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """(GPT in eval mode, CharTokenizer, raw checkpoint dict) from a checkpoint or run dir."""
+    p = resolve_checkpoint(path)
+    ckpt = load_raw(p)
+    hp = ckpt.get("hyper_parameters")
+    if (
+        not isinstance(hp, dict)
+        or not {"model", "tokenizer"} <= hp.keys()
+        or ("state_dict" not in ckpt)
+    ):
+        raise UserError(
+            f"{str(p)!r} was not saved by nanoforge (no model config, tokenizer and weights "
+            "inside). Pass a checkpoint from a nanoforge run."
+        )
+    tokenizer = CharTokenizer.from_state_dict(hp["tokenizer"])
+    model = GPT(GPTConfig.from_dict(dict(hp["model"])))
+    # GPTModule keeps the GPT under `model.`; a compiled module adds `_orig_mod.`
+    state = {
+        k.removeprefix("model.").replace("_orig_mod.", ""): v
+        for k, v in ckpt["state_dict"].items()
+        if k.startswith("model.")
+    }
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(
+            f"{str(p)!r}: the weights do not fit the model config stored with them ({e})"
+        ) from None
+    return model.to(device).eval(), tokenizer, ckpt
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made crash-safe: each checkpoint is written to a temporary
+    file in the same folder, flushed to disk, then renamed over the target. A ``kill -9`` at any
+    moment leaves either the previous complete file or the new complete file, never half of
+    one. (Lightning's own writer opens the target itself and truncates it first.)"""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by an earlier kill
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        # make the rename itself durable
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def check_resumable(path: str | Path) -> None:
+    """Fail early, and clearly, if ``path`` cannot resume a nanoforge training run."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"ckpt_path {str(p)!r} is not a file: pass a .ckpt saved by a training run")
+    ckpt = load_raw(p)
+    needed = {"state_dict", "hyper_parameters", "optimizer_states", "loops"}
+    if not needed <= ckpt.keys() or "tokenizer" not in (ckpt.get("hyper_parameters") or {}):
+        raise UserError(
+            f"{str(p)!r} is not a nanoforge training checkpoint (it lacks "
+            f"{sorted(needed - ckpt.keys()) or ['the tokenizer']}); resume from a .ckpt that a "
+            "nanoforge run saved (checkpoints/last.ckpt)"
+        )

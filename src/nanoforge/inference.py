@@ -1,0 +1,154 @@
+"""What generate.py and eval.py do: sample from a checkpoint, score a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from nanoforge.checkpoint import load_model, resolve_checkpoint
+from nanoforge.corpora import atomic_write_bytes, load_corpus
+from nanoforge.errors import UserError
+from nanoforge.sampling import check_sampling_args
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(
+            f"device={name!r} is not a device: use auto, cpu, cuda, cuda:N or mps"
+        ) from None
+
+
+# --------------------------------------------------------------------------- generation
+def generate(cfg: DictConfig, out=sys.stdout) -> list[str]:
+    """Sample ``num_samples`` continuations of ``prompt``; stream a single sample as it grows."""
+    check_sampling_args(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    if cfg.num_samples < 1:
+        raise UserError(f"num_samples must be >= 1, got {cfg.num_samples}")
+    device = pick_device(cfg.device)
+    model, tok, _ = load_model(cfg.ckpt, device)
+    prompt = str(cfg.prompt)
+    if not prompt:
+        raise UserError('prompt is empty: give at least one character, e.g. prompt="\\n"')
+    unknown = tok.unknown_chars(prompt)
+    if unknown:
+        raise UserError(
+            f"the prompt has character(s) the model never saw: {', '.join(map(repr, unknown))}. "
+            f"The model knows: {''.join(tok.chars)!r}"
+        )
+    g = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    idx = torch.as_tensor(tok.encode(prompt), device=device)[None].repeat(cfg.num_samples, 1)
+    steps = model.generate(
+        idx,
+        cfg.max_new_tokens,
+        cfg.temperature,
+        cfg.top_k,
+        cfg.top_p,
+        generator=g,
+        use_cache=cfg.use_cache,
+    )
+    if cfg.num_samples == 1:  # stream token by token
+        out.write(prompt)
+        pieces = []
+        for nxt in steps:
+            piece = tok.decode(nxt.tolist())
+            pieces.append(piece)
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        return [prompt + "".join(pieces)]
+    ids = torch.stack(list(steps), dim=1).tolist()
+    texts = [prompt + tok.decode(row) for row in ids]
+    for i, text in enumerate(texts):
+        out.write(f"----- sample {i + 1}/{len(texts)} -----\n{text}\n")
+    out.flush()
+    return texts
+
+
+# --------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_ids(model, ids: torch.Tensor, batch_size: int = 32) -> dict:
+    """Mean next-token loss over every token of ``ids`` (but the first), each scored once.
+
+    Non-overlapping windows of ``block_size`` inputs tile the sequence; the last window may be
+    shorter. Deterministic: no sampling anywhere.
+    """
+    T = model.config.block_size
+    n_targets = len(ids) - 1
+    if n_targets < 1:
+        raise UserError("the evaluation split has fewer than 2 tokens: nothing to score")
+    device = next(model.parameters()).device
+    starts = list(range(0, n_targets, T))
+    total, count = 0.0, 0
+    full = [s for s in starts if s + T <= n_targets]
+    for i in range(0, len(full), batch_size):
+        chunk = torch.tensor(full[i : i + batch_size])
+        offsets = torch.arange(T + 1)
+        windows = ids[chunk[:, None] + offsets].to(device)
+        logits, _ = model(windows[:, :-1])
+        total += F.cross_entropy(
+            logits.flatten(0, 1).float(), windows[:, 1:].flatten(), reduction="sum"
+        ).item()
+        count += windows[:, 1:].numel()
+    rest = [s for s in starts if s + T > n_targets]
+    for s in rest:
+        window = ids[s:].to(device)[None]
+        logits, _ = model(window[:, :-1])
+        total += F.cross_entropy(logits[0].float(), window[0, 1:], reduction="sum").item()
+        count += window.size(1) - 1
+    loss = total / count
+    return {"loss": loss, "bpc": loss / math.log(2), "perplexity": math.exp(loss), "tokens": count}
+
+
+def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
+    """Score a checkpoint on the whole validation split of its corpus (or of ``data=...``)."""
+    device = pick_device(cfg.device)
+    ckpt_path = resolve_checkpoint(cfg.ckpt)
+    model, tok, ckpt = load_model(ckpt_path, device)
+    data_cfg = cfg.get("data") or ckpt["hyper_parameters"].get("data")
+    if not data_cfg:
+        raise UserError(
+            "the checkpoint does not say which corpus it was trained on: pass one, e.g. "
+            "data=text data.path=FILE"
+        )
+    corpus, path = data_cfg.get("corpus", "text"), data_cfg.get("path")
+    val_fraction = float(data_cfg.get("val_fraction", 0.1))
+    text = load_corpus(corpus, path, data_cfg.get("cache_dir") or "data/cache")
+    ids = torch.from_numpy(tok.encode(text))  # unseen characters: a clear UserError
+    n_train = int(len(ids) * (1 - val_fraction))
+    result = evaluate_ids(model, ids[n_train:], cfg.batch_size)
+    result.update(
+        {
+            "checkpoint": str(ckpt_path.resolve()),
+            "corpus": corpus,
+            "path": path,
+            "val_fraction": val_fraction,
+            "step": ckpt.get("global_step"),
+        }
+    )
+    out.write(
+        f"val/loss={result['loss']:.4f} val/bpc={result['bpc']:.4f} "
+        f"perplexity={result['perplexity']:.3f} over {result['tokens']:,} tokens\n"
+    )
+    if cfg.output:
+        target = Path(cfg.output)
+    elif ckpt_path.parent.name == "checkpoints":
+        target = ckpt_path.parent.parent / "eval.json"
+    else:
+        target = ckpt_path.parent / "eval.json"
+    atomic_write_bytes(target, (json.dumps(result, indent=2) + "\n").encode())
+    out.write(f"wrote {target}\n")
+    return result

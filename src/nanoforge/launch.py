@@ -1,0 +1,220 @@
+"""Where each job of a sweep runs, and how DDP behaves inside a sweep.
+
+``python src/train.py -m ...`` hands its jobs to a Hydra launcher:
+
+- the default launcher runs them one after another in this process;
+- ``hydra/launcher=parallel`` (hydra-joblib-launcher) runs ``n_jobs`` of them at once in worker
+  processes. :func:`job_scope` gives job ``k`` GPU ``k mod #GPUs`` when there are GPUs, or
+  ``cores // n_jobs`` CPU threads when there are none (2 jobs x 1 thread on a 2-core machine);
+- ``hydra/launcher=slurm`` / ``submitit_local`` (hydra-submitit-launcher) submit each job to
+  SLURM (or to local subprocesses); SLURM starts the DDP ranks itself.
+
+Lightning's ``strategy=ddp`` starts ranks 1..N-1 by running ``src/train.py`` again with the
+command line of the job and ``hydra.run.dir=<this run's dir>``. Inside a sweep that command line
+is the *sweep's* (``-m model=tiny,small ...``): each rank would start a sweep of its own in a
+directory of its own. :func:`job_scope` points that command at the job instead: the job's own
+overrides, ``hydra.mode=RUN`` and the job's directory, so every rank shares one directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, read_write
+
+from nanoforge.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# what Lightning's DDP launcher puts into os.environ; restored after each job of a sweep, so
+# that the next job starts its own process group instead of joining the last one's
+_DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (respects taskset/cgroup affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def parallel_jobs() -> int:
+    """Default number of jobs at once for ``hydra/launcher=parallel``: one per GPU, or one
+    per CPU core when there is no GPU (each then trains with one thread)."""
+    return gpu_count() or cpu_cores()
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("parallel_jobs"):
+        OmegaConf.register_new_resolver("parallel_jobs", parallel_jobs, use_cache=True)
+
+
+def _joblib_n_jobs(hc: DictConfig) -> int | None:
+    """Jobs at once under the joblib launcher (joblib's -1 = all cores), else None."""
+    launcher = hc.get("launcher") or {}
+    if not str(launcher.get("_target_", "")).endswith("JoblibLauncher"):
+        return None
+    n = int(launcher.get("n_jobs") or 1)
+    return n if n > 0 else max(1, cpu_cores() + 1 + n)
+
+
+def strategy_name(trainer: DictConfig) -> str:
+    strategy = trainer.get("strategy", "auto")
+    if isinstance(strategy, DictConfig):
+        return str(strategy.get("_target_", "custom")).rsplit(".", 1)[-1]
+    return str(strategy)
+
+
+def _lightning_launches_ranks(trainer: DictConfig) -> bool:
+    """True when Lightning itself would start more processes for this job (DDP on one
+    machine), which a joblib worker cannot do: it re-runs ``src/train.py``."""
+    name = strategy_name(trainer).lower()  # ddp, FSDPStrategy, ...
+    distributed = any(k in name for k in ("ddp", "fsdp", "deepspeed"))
+    devices = trainer.get("devices", "auto")
+    many = (isinstance(devices, int) and devices != 1) or (
+        not isinstance(devices, int | str) and len(devices) > 1
+    )
+    return distributed and many and "SLURM_NTASKS" not in os.environ
+
+
+def assign_resources(cfg: DictConfig, job_num: int, n_parallel: int) -> dict[str, Any]:
+    """Give one of ``n_parallel`` concurrent jobs its share of the machine.
+
+    With GPUs: job ``job_num`` trains on GPU ``job_num % #GPUs`` (set in ``cfg.trainer``).
+    Without: it gets ``cores // n_parallel`` torch threads (at least 1). Returns what it chose.
+    """
+    import torch
+
+    trainer = cfg.trainer
+    if _lightning_launches_ranks(trainer):
+        raise UserError(
+            f"trainer.strategy={strategy_name(trainer)} starts its processes by re-running "
+            "src/train.py, which a parallel launcher's worker cannot do. Run DDP/FSDP sweeps "
+            "with the default launcher (drop hydra/launcher=parallel) or on SLURM "
+            "(hydra/launcher=slurm)."
+        )
+    n_gpus = gpu_count()
+    single_device = trainer.get("devices", "auto") in ("auto", 1, -1)
+    if n_gpus and trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda") and single_device:
+        gpu = job_num % n_gpus
+        trainer.accelerator, trainer.devices = "gpu", [gpu]
+        return {"gpu": gpu}
+    threads = max(1, cpu_cores() // max(1, n_parallel))
+    torch.set_num_threads(threads)
+    return {"threads": threads}
+
+
+def sweep_objective(metrics: dict, metric: str, multirun: bool) -> float | None:
+    """The value a job returns to Hydra's sweeper: ``metrics[metric]``.
+
+    In a sweep, a value that is missing, NaN or infinite (the run diverged, or never
+    validated) raises instead: Hydra then records a failed job, the Optuna sweeper a failed
+    trial (it cannot rank a NaN), and the sweep goes on.
+    """
+    value = metrics.get(metric)
+    if multirun and not (isinstance(value, int | float) and math.isfinite(value)):
+        raise FloatingPointError(
+            f"{metric} is {value}: the run diverged (NaN/inf loss) or never validated. "
+            "Lower optim.lr, keep trainer.gradient_clip_val, or validate at least once."
+        )
+    return value
+
+
+@contextlib.contextmanager
+def job_scope(cfg: DictConfig) -> Iterator[DictConfig]:
+    """Set up one training job of a sweep (nothing changes in a single run); undo it after.
+
+    - under the parallel launcher: the job's GPU or CPU threads (:func:`assign_resources`);
+    - for Lightning's DDP launcher: the job's own command line and directory (module doc);
+    - afterwards: the process group and DDP environment are cleared, so that the next job of
+      the sweep, in this same process, starts DDP afresh.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        yield cfg
+        return
+
+    import torch
+
+    n_parallel = _joblib_n_jobs(hc)
+    saved_threads = torch.get_num_threads()
+    if n_parallel is not None and n_parallel > 1:
+        chosen = assign_resources(cfg, int(hc.job.num), n_parallel)
+        what = f"GPU {chosen['gpu']}" if "gpu" in chosen else f"{chosen['threads']} CPU thread(s)"
+        log.info(f"job {hc.job.num} (pid {os.getpid()}): {what}, one of {n_parallel} parallel jobs")
+
+    saved_argv, saved_env = list(sys.argv), {k: os.environ.get(k) for k in _DDP_ENV}
+    saved_run_dir = hc.run.dir
+    # Lightning's DDP launcher runs `sys.argv[0] sys.argv[1:] hydra.run.dir=<hc.run.dir> ...`
+    sys.argv = [sys.argv[0], *hc.overrides.task, "hydra.mode=RUN"]
+    with read_write(hc.run):
+        hc.run.dir = hc.runtime.output_dir
+    try:
+        yield cfg
+    finally:
+        sys.argv = saved_argv
+        with read_write(hc.run):
+            hc.run.dir = saved_run_dir
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        torch.set_num_threads(saved_threads)
+
+
+class JobEnvironment(Callback):
+    """Hydra callback that makes sweep jobs in other processes (joblib workers, submitit jobs)
+    work like jobs in this one.
+
+    Hydra pickles its callbacks along with each job, so unpickling this object in a worker
+    (before the job's config is resolved there) registers nanoforge's resolvers (``${pid:}`` in
+    the sweep directory). At the start of a multirun it puts ``src/`` on ``PYTHONPATH``, so
+    workers import nanoforge even from a checkout that was not pip-installed.
+    """
+
+    def __init__(self) -> None:
+        from nanoforge import hydra_setup
+
+        hydra_setup.register_resolvers()
+
+    def __setstate__(self, state: dict) -> None:
+        from nanoforge import hydra_setup
+
+        self.__dict__.update(state)
+        hydra_setup.register_resolvers()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        from nanoforge.hydra_setup import REPO_ROOT
+
+        # hydra.sweep.dir is ${paths.log_dir}/... and paths.root_dir is ${hydra:runtime.cwd}:
+        # Hydra's sweepers resolve the sweep dir before any job has set HydraConfig, so set it
+        # here, from the multirun's own config, for `${hydra:...}` to resolve
+        HydraConfig.instance().set_config(config)
+        src = str(REPO_ROOT / "src")
+        paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if src not in paths:
+            os.environ["PYTHONPATH"] = os.pathsep.join([src, *paths])

@@ -1,0 +1,350 @@
+"""A sweep's report: one row per job, as a markdown table, a CSV and a plot.
+
+Written into the sweep directory (``logs/train/multiruns/<time>_<pid>/``) by the Hydra
+callback :class:`SweepReport` after every job and at the end of the multirun, and rebuilt for
+any sweep directory with ``python src/report.py SWEEP_DIR``:
+
+    report.md    the table (the overrides that differ between jobs; the shared ones above it)
+    report.csv   the same rows, every override, full precision
+    report.png   validation loss against step for every job | final loss against parameters
+
+Each job directory holds ``.hydra/overrides.yaml`` (written by Hydra at its start),
+``metrics.json`` (written by ``nanoforge.callbacks.RunSummary`` when training ends) and
+``job_status.json`` (written by :class:`SweepReport` when the job ends, with its error if it
+failed). A job without a finite final ``val/loss`` is a row marked ``failed``, with the reason;
+a job with no result at all yet is ``unfinished`` (still running, or killed).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from nanoforge.corpora import atomic_write_bytes
+from nanoforge.errors import UserError
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "job_status.json"
+CSV_FIELDS = [
+    "job",
+    "status",
+    "overrides",
+    "num_params",
+    "steps",
+    "tokens_seen",
+    "val_loss",
+    "best_val_loss",
+    "val_bpc",
+    "best_val_bpc",
+    "wall_seconds",
+    "tokens_per_sec",
+    "note",
+    "dir",
+]
+
+
+@dataclass
+class JobRow:
+    """One job of a sweep, as the report shows it."""
+
+    job: int | str
+    dir: Path
+    overrides: list[str]
+    status: str = "failed"  # "ok", "failed", or "unfinished" (still running, or killed)
+    note: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def metric(self, key: str) -> float | None:
+        v = self.metrics.get(key)
+        return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
+
+    @property
+    def history(self) -> list[dict]:
+        return list(self.metrics.get("history") or [])
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _job_number(job_dir: Path, sweep_dir: Path) -> int | str:
+    try:
+        num = OmegaConf.select(OmegaConf.load(job_dir / ".hydra" / "hydra.yaml"), "hydra.job.num")
+        if num is not None:
+            return int(num)
+    except Exception:  # no readable hydra.yaml: fall back on the directory name
+        pass
+    rel = job_dir.relative_to(sweep_dir).as_posix()
+    return int(rel) if rel.isdigit() else rel
+
+
+def read_job(job_dir: Path, sweep_dir: Path) -> JobRow:
+    """One job directory -> its row (never raises for a broken or unfinished job)."""
+    try:
+        overrides = [str(o) for o in OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")]
+    except Exception:  # unreadable or half-written: the row still shows the job
+        overrides = []
+    row = JobRow(_job_number(job_dir, sweep_dir), job_dir, overrides)
+    status = _read_json(job_dir / STATUS_FILE) or {}
+    metrics = _read_json(job_dir / "metrics.json")
+    if metrics is not None:
+        row.metrics = metrics
+    if status.get("status") == "failed" and status.get("error"):
+        row.note = str(status["error"])
+    elif metrics is None and not status:
+        row.status, row.note = "unfinished", "no result yet: still running, or killed"
+    elif metrics is None:
+        row.note = "no metrics.json: training did not finish"
+    elif row.metric("val/loss") is None:
+        row.note = f"diverged: final val/loss is {metrics.get('val/loss')}"
+    else:
+        row.status = "ok"
+    return row
+
+
+def collect(sweep_dir: str | os.PathLike) -> list[JobRow]:
+    """Every job of the sweep in ``sweep_dir``, in job order."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise UserError(
+            f"{sweep_dir} is not a directory. Pass a sweep directory such as "
+            "logs/train/multiruns/<time>_<pid>."
+        )
+    job_dirs = sorted({p.parent.parent for p in sweep_dir.glob("**/.hydra/overrides.yaml")})
+    job_dirs = [d for d in job_dirs if d != sweep_dir]
+    if not job_dirs:
+        raise UserError(
+            f"{sweep_dir} holds no jobs (no */.hydra/overrides.yaml). Pass the directory of a "
+            "multirun (python src/train.py -m ...), e.g. logs/train/multiruns/<time>_<pid>."
+        )
+    rows = [read_job(d, sweep_dir) for d in job_dirs]
+    return sorted(rows, key=lambda r: (isinstance(r.job, str), r.job))
+
+
+def _split_overrides(rows: list[JobRow]) -> tuple[list[str], dict[int, list[str]]]:
+    """Overrides shared by every job, and for each row the ones that differ."""
+    sets = [set(r.overrides) for r in rows]
+    common = set.intersection(*sets) if sets and len(rows) > 1 else set()
+    shared = [o for o in rows[0].overrides if o in common] if rows else []
+    return shared, {i: [o for o in r.overrides if o not in common] for i, r in enumerate(rows)}
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _si(value: float | None) -> str:
+    if value is None:
+        return "—"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= div:
+            return f"{value / div:.2f}{suffix}"
+    return f"{value:.0f}"
+
+
+def markdown(rows: list[JobRow], sweep_dir: Path) -> str:
+    shared, varying = _split_overrides(rows)
+    ok = [r for r in rows if r.status == "ok"]
+    lines = [f"# Sweep report: `{sweep_dir.name}`", ""]
+    counts = {s: sum(r.status == s for r in rows) for s in ("ok", "failed", "unfinished")}
+    lines.append(
+        f"{len(rows)} jobs: "
+        + ", ".join(f"{n} {s}" for s, n in counts.items() if n or s != "unfinished")
+        + "."
+    )
+    if shared:
+        lines.append("Overrides shared by every job: `" + " ".join(shared) + "`.")
+    lines.append("")
+    head = (
+        "| job | overrides | status | params | steps | tokens | val/loss | best val/loss "
+        "| val/bpc | wall | tokens/s |"
+    )
+    lines += [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for i, r in enumerate(rows):
+        ov = " ".join(varying[i]) or "(none)"
+        status = r.status if r.status == "ok" else f"**{r.status}**: {r.note}"
+        wall = r.metric("wall_seconds")
+        lines.append(
+            f"| {r.job} | `{ov}` | {status} | {_si(r.metric('num_params'))} "
+            f"| {_fmt(r.metric('steps'), '.0f')} | {_si(r.metric('tokens_seen'))} "
+            f"| {_fmt(r.metric('val/loss'), '.4f')} | {_fmt(r.metric('best/val/loss'), '.4f')} "
+            f"| {_fmt(r.metric('val/bpc'), '.4f')} | {_fmt(wall, '.1f')}{' s' if wall else ''} "
+            f"| {_fmt(r.metric('train_tokens_per_sec'), ',.0f')} |"
+        )
+    if ok:
+        best = min(ok, key=lambda r: r.metric("val/loss"))
+        lines += ["", f"Best: job {best.job}, val/loss {best.metric('val/loss'):.4f}."]
+    lines += ["", "![val loss per step and final loss per parameter count](report.png)", ""]
+    return "\n".join(lines)
+
+
+def to_csv(rows: list[JobRow], sweep_dir: Path) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow(
+            {
+                "job": r.job,
+                "status": r.status,
+                "overrides": " ".join(r.overrides),
+                "num_params": r.metrics.get("num_params"),
+                "steps": r.metrics.get("steps"),
+                "tokens_seen": r.metrics.get("tokens_seen"),
+                "val_loss": r.metrics.get("val/loss"),
+                "best_val_loss": r.metrics.get("best/val/loss"),
+                "val_bpc": r.metrics.get("val/bpc"),
+                "best_val_bpc": r.metrics.get("best/val/bpc"),
+                "wall_seconds": r.metrics.get("wall_seconds"),
+                "tokens_per_sec": r.metrics.get("train_tokens_per_sec"),
+                "note": r.note,
+                "dir": r.dir.relative_to(sweep_dir).as_posix(),
+            }
+        )
+    return buf.getvalue()
+
+
+def plot(rows: list[JobRow]) -> bytes:
+    """PNG: validation loss per step for every job | final val/loss against parameters."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global backend, no display needed
+    from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
+
+    _, varying = _split_overrides(rows)
+    fig = Figure(figsize=(12, 4.8), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    curves, scaling = fig.subplots(1, 2)
+    for i, r in enumerate(rows):
+        pts = [
+            (h["step"], h["val/loss"])
+            for h in r.history
+            if isinstance(h.get("val/loss"), int | float) and math.isfinite(h["val/loss"])
+        ]
+        if not pts:
+            continue
+        label = f"{r.job}: {' '.join(varying[i]) or '(no overrides)'}"
+        if r.status != "ok":
+            label += f" ({r.status})"
+        curves.plot(*zip(*pts, strict=True), marker="o", markersize=3, label=label)
+    curves.set(xlabel="step", ylabel="val/loss", title="validation loss")
+    curves.grid(alpha=0.3)
+    if curves.lines and len(curves.lines) <= 16:
+        curves.legend(fontsize=7)
+    ok = [r for r in rows if r.status == "ok" and r.metric("num_params")]
+    if ok:
+        xs = [r.metric("num_params") for r in ok]
+        ys = [r.metric("val/loss") for r in ok]
+        scaling.scatter(xs, ys, zorder=3)
+        for r, x, y in zip(ok, xs, ys, strict=True):
+            scaling.annotate(str(r.job), (x, y), textcoords="offset points", xytext=(4, 4))
+        if max(xs) > 2 * min(xs):
+            scaling.set_xscale("log")
+            scaling.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            scaling.xaxis.set_minor_formatter(NullFormatter())
+        scaling.xaxis.set_major_formatter(EngFormatter())
+    scaling.set(xlabel="parameters", ylabel="final val/loss", title="final loss vs. parameters")
+    scaling.grid(alpha=0.3, which="both")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _publish(path: Path, data: bytes) -> None:
+    """Atomic write (parallel jobs may rebuild the report at once), readable by everyone."""
+    atomic_write_bytes(path, data)
+    path.chmod(0o644)
+
+
+def write_report(sweep_dir: str | os.PathLike) -> dict[str, Path]:
+    """Collect the sweep and (re)write report.md, report.csv and report.png in it."""
+    sweep_dir = Path(sweep_dir)
+    rows = collect(sweep_dir)
+    out = {name: sweep_dir / f"report.{name}" for name in ("md", "csv", "png")}
+    _publish(out["md"], markdown(rows, sweep_dir).encode("utf-8"))
+    _publish(out["csv"], to_csv(rows, sweep_dir).encode("utf-8"))
+    _publish(out["png"], plot(rows))
+    return out
+
+
+def _global_rank() -> int:
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+class SweepReport(Callback):
+    """Hydra callback: keeps ``report.*`` of a multirun up to date.
+
+    After every job (in the process that ran it) it records the job's status in
+    ``job_status.json`` and rebuilds the report, so the report exists even when a job fails
+    and the sweep ends with that error; at the end of the multirun it rebuilds it once more.
+    Single runs are left alone.
+    """
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        from hydra.core.utils import JobStatus
+        from hydra.types import RunMode
+
+        hydra_cfg = config.get("hydra") if config is not None else None
+        if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN or _global_rank() != 0:
+            return
+        job_dir = Path(hydra_cfg.runtime.output_dir)
+        failed = job_return.status != JobStatus.COMPLETED
+        status: dict[str, Any] = {"status": "failed" if failed else "ok"}
+        if failed:
+            err = job_return._return_value  # the exception; .return_value would re-raise it
+            status["error"] = f"{type(err).__name__}: {err}".strip()
+        else:
+            status["value"] = job_return._return_value
+        atomic_write_bytes(job_dir / STATUS_FILE, json.dumps(status, default=str).encode())
+        self._write(Path(hydra_cfg.sweep.dir))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        paths = self._write(sweep_dir)
+        if paths:
+            log.info(f"sweep report: {paths['md']} (+ .csv, .png)")
+
+    @staticmethod
+    def _write(sweep_dir: Path) -> dict[str, Path] | None:
+        try:
+            return write_report(sweep_dir)
+        except Exception as e:  # a report must never break the sweep it describes
+            log.warning(f"could not write the sweep report in {sweep_dir}: {e}")
+            return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python src/report.py SWEEP_DIR``: rebuild the report and print its table."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="report.py",
+        description="Rebuild report.md, report.csv and report.png for a sweep directory.",
+    )
+    parser.add_argument("sweep_dir", help="e.g. logs/train/multiruns/2026-11-24_10-00-00_4242")
+    args = parser.parse_args(argv)
+    try:
+        paths = write_report(args.sweep_dir)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(paths["md"].read_text(encoding="utf-8"))
+    print(f"wrote {paths['md']}, {paths['csv'].name}, {paths['png'].name}")
+    return 0
