@@ -176,3 +176,16 @@ def test_too_long_input_rejected():
     m = tiny()
     with pytest.raises(ValueError, match="block_size"):
         m(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", MODEL_CONFIGS)
+def test_model_configs_keep_the_classic_block(name):
+    """Every architecture option is spelled out in each model config, switched off: the
+    classic GPT-2 block is what `model=...` gives unless an experiment asks otherwise."""
+    keys = ("position", "norm", "activation", "qk_norm", "zero_init", "tie_head")
+    assert set(keys) <= set(OmegaConf.load(CONFIGS / "model" / f"{name}.yaml"))
+    c, d = cfg_of(name), GPTConfig()
+    for key in keys:
+        assert getattr(c, key) == getattr(d, key), key
+    assert (c.position, c.norm, c.activation) == ("learned", "layernorm", "gelu")
+    assert not c.qk_norm and not c.zero_init and c.tie_head
