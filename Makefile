@@ -6,10 +6,10 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help install train test lint format tensorboard clean bench
+.PHONY: help install train test test-fast lint format tensorboard clean bench
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 install:  ## install torch (pinned), nanoforge (editable) and the dev tools
 	$(PYTHON) -m pip install "$(TORCH)"
@@ -18,8 +18,11 @@ install:  ## install torch (pinned), nanoforge (editable) and the dev tools
 train:  ## train with the default config; extra overrides: make train ARGS="model=tiny"
 	$(PYTHON) src/train.py $(ARGS)
 
-test:  ## run the test suite (offline, a few minutes on 2 CPU cores)
+test:  ## the full test suite, end-to-end runs included (offline; CI runs this)
 	$(PYTHON) -m pytest
+
+test-fast:  ## the unit tests only, no end-to-end subprocess runs (the edit loop)
+	$(PYTHON) -m pytest -m "not slow"
 
 lint:  ## ruff lint + format check
 	$(PYTHON) -m ruff check src tests bench

@@ -2,7 +2,7 @@
 
     python bench/compare.py                         # all sections (what `make bench` runs)
     python bench/compare.py --sections throughput --pairs 5
-    NANOGPT_DIR=/tmp/nanogpt/nanoGPT python bench/compare.py
+    NANOGPT_DIR=path/to/nanoGPT python bench/compare.py
 
 1. throughput  nanoGPT's train.py and `python src/train.py` with the same model (4 layers,
                4 heads, width 128, context 64, no dropout, no biases, tied head, classic
@@ -15,9 +15,9 @@
                tiny Shakespeare, for nanoGPT's README CPU command and `experiment=fast_cpu`.
                Both validate on 2400 random windows of 64 tokens from the last 10% of the
                text (nanoGPT: --eval_iters=200 batches of 12, new ones each time, instead of
-               the README's 20; ours: 100 fixed batches of 24): the standard error of such an
-               estimate is ~0.005 (measured: per-batch std 0.065 over 200 batches of 12), so
-               the figure is within +-0.01. A run is stopped as soon as it crosses the target.
+               the README's 20; ours: 100 fixed batches of 24), enough windows for a small
+               standard error (measured spread: bench/RESULTS.md, "2. Time to val/loss").
+               A run is stopped as soon as it crosses the target.
 3. overhead    `python src/train.py model=small` (the default run): launch to the end of the
                first optimizer step, peak resident memory, wall time and final val/bpc.
 

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from nanoforge.model import GPT, GPTConfig  # noqa: E402
@@ -49,7 +50,9 @@ def main() -> None:
     print("| model | params | no cache (tok/s) | KV cache (tok/s) | speed-up |")
     print("|---|---|---|---|---|")
     for name in args.models:
-        d = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / f"{name}.yaml"))
+        with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+            # model=NAME as composed by Hydra: the variants inherit model/default.yaml
+            d = OmegaConf.to_container(compose("train", overrides=[f"model={name}"]).model)
         model = GPT(GPTConfig(**{**d, "vocab_size": 65})).eval()
         with torch.inference_mode():
             tokens_per_sec(model, 20, True)  # warm-up

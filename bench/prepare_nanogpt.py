@@ -1,7 +1,7 @@
 """Prepare a karpathy/nanoGPT checkout for `make bench`: its shakespeare_char data, offline.
 
-    python bench/prepare_nanogpt.py /tmp/nanogpt/nanoGPT /work/shared/data/tinyshakespeare/input.txt
-    export NANOGPT_DIR=/tmp/nanogpt/nanoGPT
+    python bench/prepare_nanogpt.py path/to/nanoGPT ../shared/data/tinyshakespeare/input.txt
+    export NANOGPT_DIR=path/to/nanoGPT
 
 Writes NANOGPT_DIR/data/shakespeare_char/{train.bin,val.bin,meta.pkl} in the format nanoGPT's
 own data/shakespeare_char/prepare.py writes (sorted character vocabulary, uint16 ids, the first

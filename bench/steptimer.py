@@ -4,7 +4,7 @@ end of every optimizer step, written to a JSON file when training ends.
 `bench/compare.py` adds it from the command line, with ``bench/`` on PYTHONPATH:
 
     python src/train.py ... +callbacks.step_timer._target_=steptimer.StepTimer \\
-        +callbacks.step_timer.path=/tmp/steps.json
+        +callbacks.step_timer.path=steps.json
 
 The file holds ``{"step_ends": [t1, t2, ...]}`` in seconds since the epoch (``time.time()``, so
 a parent process can subtract its own launch time) and ``perf`` (the same instants on the

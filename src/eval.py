@@ -15,7 +15,9 @@ hydra_setup.setup()
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    hydra_setup.run_task(cfg, "eval")
+    from nanoforge.inference import evaluate  # here: `--help` answers without loading torch
+
+    hydra_setup.run(evaluate, cfg)
 
 
 if __name__ == "__main__":

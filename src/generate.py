@@ -15,7 +15,9 @@ hydra_setup.setup()
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="generate")
 def main(cfg: DictConfig) -> None:
-    hydra_setup.run_task(cfg, "generate")
+    from nanoforge.inference import generate  # here: `--help` answers without loading torch
+
+    hydra_setup.run(generate, cfg)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,23 @@ from nanoforge import hydra_setup
 hydra_setup.setup()
 
 
+def train_job(cfg: DictConfig) -> float | None:
+    """One training run. In a sweep, the job also gets its share of the machine and returns
+    the value the sweeper ranks (``optimized_metric``); alone, it just trains."""
+    # imported here, not at the top: `--help` and `--cfg job` answer without loading torch
+    from nanoforge import sweep
+    from nanoforge.training import train
+
+    if cfg.get("print_config", True):
+        hydra_setup.print_config_tree(cfg)
+    with sweep.job_scope(cfg):  # in a sweep: the job's GPU or threads, its DDP ranks' dir
+        metrics = train(cfg)
+    return sweep.objective(metrics, cfg.get("optimized_metric") or "val/loss")
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    return hydra_setup.run_task(cfg, "train")
+    return hydra_setup.run(train_job, cfg)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,16 @@ import torch
 
 from nanoforge.errors import UserError
 from nanoforge.model import GPT, GPTConfig, KVCache, apply_rotary, rotary_tables
-from nanoforge.module import GPTModule, OptimConfig, lr_at
-from nanoforge.optim import MuonAdamW, MuonFP32, muon_params, orthogonalize
+from nanoforge.module import GPTModule
+from nanoforge.optim import (
+    MuonAdamW,
+    MuonFP32,
+    OptimConfig,
+    configure_optimizer,
+    lr_at,
+    muon_params,
+    orthogonalize,
+)
 from nanoforge.tokenizer import CharTokenizer
 
 VOCAB = 11
@@ -182,7 +190,7 @@ def test_rmsnorm_and_relu2_are_what_they_say():
     m = tiny(norm="rmsnorm", activation="relu2")
     assert isinstance(m.blocks[0].ln_1, torch.nn.RMSNorm) and isinstance(m.ln_f, torch.nn.RMSNorm)
     x = torch.tensor([-2.0, -0.5, 0.0, 0.5, 3.0])
-    assert torch.equal(m.blocks[0].mlp.gelu(x), torch.tensor([0.0, 0.0, 0.0, 0.25, 9.0]))
+    assert torch.equal(m.blocks[0].mlp.act(x), torch.tensor([0.0, 0.0, 0.0, 0.25, 9.0]))
 
 
 @pytest.mark.parametrize(
@@ -205,10 +213,6 @@ TOK = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz .\n")
 MODEL = {"vocab_size": TOK.vocab_size, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32}
 
 
-class _FakeTrainer:
-    max_steps = 100
-
-
 def muon_module(**optim) -> tuple[GPTModule, MuonAdamW, torch.optim.lr_scheduler.LRScheduler]:
     torch.manual_seed(0)
     m = GPTModule(
@@ -216,7 +220,7 @@ def muon_module(**optim) -> tuple[GPTModule, MuonAdamW, torch.optim.lr_scheduler
         optim={"optimizer": "muon", "warmup_steps": 0, "decay_steps": 100, **optim},
         tokenizer=TOK.state_dict(),
     )
-    cfg = m.configure_optimizers()
+    cfg = configure_optimizer(m.model, m.optim_config, max_steps=100)
     return m, cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
 
 
@@ -307,8 +311,6 @@ def test_wsd_schedule_warmup_stable_cooldown():
     assert all(a > b for a, b in itertools.pairwise(lrs[88:111]))  # linear cool-down
     assert lrs[99] == pytest.approx(lr - (11 / 22) * (lr - min_lr))
     assert lrs[110] == lrs[129] == min_lr
-    # the default schedule is unchanged
-    assert lr_at(50, lr, min_lr, warm, total) == lr_at(50, lr, min_lr, warm, total, "cosine")
 
 
 @pytest.mark.parametrize(

@@ -90,7 +90,7 @@ def test_invalid_utf8_names_file_and_offset(tmp_path):
 
 def test_text_corpus_needs_a_path():
     with pytest.raises(UserError, match="data.path"):
-        load_corpus("text", None)
+        load_corpus("text", None, None)
 
 
 def test_tinyshakespeare_offline_says_to_pass_data_path(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from nanoforge.checkpoint import load_model, resolve_checkpoint
+from nanoforge.checkpoint import load_model, recorded_data, resolve_checkpoint
 from nanoforge.errors import UserError
 from nanoforge.inference import evaluate, evaluate_ids, generate
 from nanoforge.model import GPT, GPTConfig
@@ -129,7 +129,7 @@ def test_checkpoint_alone_rebuilds_the_model(straight_run):
     assert resolve_checkpoint(straight_run).name == "best.ckpt"
     model, tok, ckpt = load_model(straight_run)
     assert not model.training and tok.vocab_size == model.config.vocab_size
-    assert ckpt["hyper_parameters"]["data"]["corpus"] == "text"
+    assert recorded_data(ckpt)["corpus"] == "text"  # eval.py rebuilds the data from it
 
 
 def test_generate_streams_and_is_reproducible(straight_run):

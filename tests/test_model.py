@@ -6,13 +6,18 @@ from omegaconf import OmegaConf
 
 from nanoforge.errors import UserError
 from nanoforge.model import GPT, GPTConfig, KVCache, reference_attention
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, compose
 
 MODEL_CONFIGS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
 
 
+def model_cfg(name: str) -> dict:
+    """`model=NAME` as Hydra composes it (the variants inherit model/default.yaml)."""
+    return OmegaConf.to_container(compose([f"model={name}"]).model)
+
+
 def cfg_of(name: str, **kw) -> GPTConfig:
-    d = OmegaConf.to_container(OmegaConf.load(CONFIGS / "model" / f"{name}.yaml"))
+    d = model_cfg(name)
     return GPTConfig(**{**d, **kw})
 
 
@@ -180,10 +185,11 @@ def test_too_long_input_rejected():
 
 @pytest.mark.parametrize("name", MODEL_CONFIGS)
 def test_model_configs_keep_the_classic_block(name):
-    """Every architecture option is spelled out in each model config, switched off: the
-    classic GPT-2 block is what `model=...` gives unless an experiment asks otherwise."""
+    """Every architecture option is spelled out (in model/default.yaml, which every model
+    config inherits), switched off: the classic GPT-2 block is what `model=...` gives unless
+    an experiment asks otherwise."""
     keys = ("position", "norm", "activation", "qk_norm", "zero_init", "tie_head")
-    assert set(keys) <= set(OmegaConf.load(CONFIGS / "model" / f"{name}.yaml"))
+    assert set(keys) <= set(model_cfg(name))
     c, d = cfg_of(name), GPTConfig()
     for key in keys:
         assert getattr(c, key) == getattr(d, key), key

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from nanoforge.errors import UserError
-from nanoforge.module import GPTModule, OptimConfig, lr_at, param_groups
+from nanoforge.module import GPTModule
+from nanoforge.optim import OptimConfig, lr_at, param_groups
 from nanoforge.tokenizer import CharTokenizer
 
 TOK = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz .\n")
@@ -35,7 +36,7 @@ def test_weight_decay_groups_partition_the_parameters():
 
 def test_lr_schedule_warmup_peak_floor():
     lr, min_lr, warm, total = 1e-3, 1e-4, 10, 110
-    lrs = [lr_at(s, lr, min_lr, warm, total) for s in range(130)]
+    lrs = [lr_at(s, lr, min_lr, warm, total, "cosine") for s in range(130)]
     assert lrs[0] == pytest.approx(lr / 11)
     assert all(a < b for a, b in itertools.pairwise(lrs[:11]))  # rising in warmup
     assert lrs[warm] == pytest.approx(lr)  # peak right after warmup

@@ -247,7 +247,7 @@ def test_optuna_config_searches_the_five_hyperparameters():
 
 
 def test_parallel_launcher_config_uses_joblib_with_one_job_per_gpu_or_core():
-    from nanoforge.launch import cpu_cores, gpu_count
+    from nanoforge.hydra_setup import cpu_cores, gpu_count
 
     cfg = compose_hydra(["hydra/launcher=parallel"])
     launcher = cfg.hydra.launcher
@@ -258,37 +258,37 @@ def test_parallel_launcher_config_uses_joblib_with_one_job_per_gpu_or_core():
 def test_assign_resources_gpu_by_job_number_or_cpu_share(monkeypatch, cfg_factory):
     import torch
 
-    from nanoforge import launch
+    from nanoforge import sweep
 
     before = torch.get_num_threads()
     try:
-        monkeypatch.setattr(launch, "cpu_cores", lambda: 8)
-        monkeypatch.setattr(launch, "gpu_count", lambda: 0)
+        monkeypatch.setattr(sweep, "cpu_cores", lambda: 8)
+        monkeypatch.setattr(sweep, "gpu_count", lambda: 0)
         cfg = cfg_factory()
-        assert launch.assign_resources(cfg, job_num=3, n_parallel=4) == {"threads": 2}
+        assert sweep.assign_resources(cfg, job_num=3, n_parallel=4) == {"threads": 2}
         assert torch.get_num_threads() == 2 and cfg.trainer.devices == "auto"
 
-        monkeypatch.setattr(launch, "gpu_count", lambda: 4)
+        monkeypatch.setattr(sweep, "gpu_count", lambda: 4)
         for job, gpu in [(0, 0), (5, 1), (7, 3)]:
             cfg = cfg_factory()
-            assert launch.assign_resources(cfg, job_num=job, n_parallel=4) == {"gpu": gpu}
+            assert sweep.assign_resources(cfg, job_num=job, n_parallel=4) == {"gpu": gpu}
             assert cfg.trainer.accelerator == "gpu" and list(cfg.trainer.devices) == [gpu]
 
         for trainer in ("ddp_cpu", "fsdp"):  # multi-process jobs start their own processes
-            with pytest.raises(launch.UserError, match="re-running src/train.py"):
-                launch.assign_resources(cfg_factory(f"trainer={trainer}"), job_num=0, n_parallel=2)
+            with pytest.raises(sweep.UserError, match="re-running src/train.py"):
+                sweep.assign_resources(cfg_factory(f"trainer={trainer}"), job_num=0, n_parallel=2)
     finally:
         torch.set_num_threads(before)
 
 
 def test_sweep_objective_fails_a_diverged_job_only_in_a_sweep():
-    from nanoforge.launch import sweep_objective
+    from nanoforge.sweep import objective
 
-    assert sweep_objective({"val/loss": 2.5}, "val/loss", multirun=True) == 2.5
-    assert math.isnan(sweep_objective({"val/loss": math.nan}, "val/loss", multirun=False))
+    assert objective({"val/loss": 2.5}, "val/loss", multirun=True) == 2.5
+    assert math.isnan(objective({"val/loss": math.nan}, "val/loss", multirun=False))
     for bad in ({"val/loss": math.nan}, {"val/loss": math.inf}, {}):
         with pytest.raises(FloatingPointError, match="diverged"):
-            sweep_objective(bad, "val/loss", multirun=True)
+            objective(bad, "val/loss", multirun=True)
 
 
 def fake_srun_on_path(tmp_path, monkeypatch) -> None:

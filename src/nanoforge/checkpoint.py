@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from nanoforge.corpora import atomic_write
 from nanoforge.errors import UserError
+from nanoforge.io import atomic_write
 from nanoforge.model import GPT, GPTConfig
 from nanoforge.tokenizer import CharTokenizer
 
@@ -94,6 +94,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
             f"{str(p)!r}: the weights do not fit the model config stored with them ({e})"
         ) from None
     return model.to(device).eval(), tokenizer, ckpt
+
+
+def recorded_data(ckpt: dict) -> dict | None:
+    """The ``TextDataModule`` arguments a training checkpoint recorded (its corpus, path and
+    split), or None. Lightning stores them as ``datamodule_hyper_parameters``; checkpoints
+    written before that kept the corpus, path, val_fraction and cache_dir under
+    ``hyper_parameters["data"]``, and still load."""
+    recorded = ckpt.get("datamodule_hyper_parameters")
+    if isinstance(recorded, dict) and recorded:
+        return dict(recorded)
+    legacy = (ckpt.get("hyper_parameters") or {}).get("data")
+    return dict(legacy) if isinstance(legacy, dict) and legacy else None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -11,11 +11,11 @@ import hashlib
 import importlib.util
 import os
 import re
-import tempfile
 import urllib.request
 from pathlib import Path
 
 from nanoforge.errors import UserError
+from nanoforge.io import atomic_write_bytes
 
 TINYSHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -143,46 +143,17 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file in the same folder, flush it to disk, then
-    rename it over ``path``: a kill at any moment leaves the old file or the new one, never half
-    of one. Temporary files an earlier kill left behind are removed first."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
-    atomic_write(path, lambda f: f.write(data))
-
-
-def load_tinyshakespeare(path: str | None, cache_dir: str | os.PathLike) -> str:
+def load_tinyshakespeare(path: str | None, cache_dir: str | os.PathLike | None) -> str:
     """The char-rnn corpus: from ``path`` if given, else the cache, else downloaded once.
 
     A download is checked against the published sha256 before it is written (atomically)
-    into the cache; offline, the error says to pass ``data.path``.
+    into ``cache_dir`` (not kept when ``cache_dir`` is None); offline, the error says to pass
+    ``data.path``.
     """
     if path:
         return read_text_corpus(path)
-    cached = Path(cache_dir) / "tinyshakespeare.txt"
-    if cached.is_file():
+    cached = Path(cache_dir) / "tinyshakespeare.txt" if cache_dir else None
+    if cached is not None and cached.is_file():
         data = cached.read_bytes()
         if sha256_bytes(data) == TINYSHAKESPEARE_SHA256:
             return data.decode("utf-8")
@@ -201,12 +172,14 @@ def load_tinyshakespeare(path: str | None, cache_dir: str | os.PathLike) -> str:
             f"the downloaded tiny Shakespeare has sha256 {digest}, expected "
             f"{TINYSHAKESPEARE_SHA256}; nothing was cached. Pass a good copy with data.path=FILE."
         )
-    atomic_write_bytes(cached, data)
+    if cached is not None:
+        atomic_write_bytes(cached, data)
     return data.decode("utf-8")
 
 
-def load_corpus(name: str, path: str | None = None, cache_dir: str | os.PathLike = "data") -> str:
-    """Dispatch on the corpus name of the ``data`` config group."""
+def load_corpus(name: str, path: str | None, cache_dir: str | os.PathLike | None) -> str:
+    """The text of corpus ``name`` (``data.corpus``): ``path`` reads a file or folder instead
+    of the built-in source; ``cache_dir`` keeps a download (None: nothing is kept)."""
     if name == "shakespeare":
         return read_text_corpus(path) if path else load_shakespeare_plays()
     if name == "tinyshakespeare":

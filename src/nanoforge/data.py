@@ -1,8 +1,11 @@
-"""Step 2: from a corpus to training pairs ``(x, y)`` with ``y`` = ``x`` shifted by one.
+"""From a corpus to training pairs ``(x, y)`` with ``y`` = ``x`` shifted by one (step 2 of the
+README's table).
 
 corpus text -> CharTokenizer -> token ids (encoded once, cached on disk under a hash of the
 text) -> a contiguous split (first 90 % train, last 10 % val) -> random windows of
-``block_size + 1`` tokens.
+``block_size + 1`` tokens. The split happens in one place, :meth:`TextDataModule.setup`:
+training builds the DataModule from ``cfg.data``, and evaluation rebuilds the same one from
+what the checkpoint recorded (``TextDataModule.hparams``).
 
 Windows are cut in bulk from one tensor (one gather per batch, no per-item Python), which is
 why the dataset yields whole batches. Batch ``i`` of rank ``r`` is drawn from a generator
@@ -22,8 +25,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from nanoforge.corpora import atomic_write_bytes, load_corpus
+from nanoforge.corpora import load_corpus
 from nanoforge.errors import UserError
+from nanoforge.io import atomic_write_bytes
 from nanoforge.tokenizer import CharTokenizer
 
 _SPLIT_IDS = {"train": 0, "val": 1}
@@ -112,7 +116,11 @@ def encode_cached(
 
 
 class TextDataModule(L.LightningDataModule):
-    """Any corpus as char-level next-token windows. See the module docstring for the flow."""
+    """Any corpus as char-level next-token windows. See the module docstring for the flow.
+
+    ``tokenizer``: encode with this tokenizer (a checkpoint's) instead of building one from the
+    corpus; text it cannot encode is a :class:`UserError`.
+    """
 
     def __init__(
         self,
@@ -125,6 +133,7 @@ class TextDataModule(L.LightningDataModule):
         cache_dir: str | None = "data/cache",
         num_workers: int = 0,
         seed: int = 1337,
+        tokenizer: CharTokenizer | None = None,
     ):
         super().__init__()
         if block_size < 1:
@@ -135,23 +144,42 @@ class TextDataModule(L.LightningDataModule):
             raise UserError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         if val_batches < 1:
             raise UserError(f"data.val_batches must be >= 1, got {val_batches}")
+        # The checkpoint records these arguments (Lightning stores them as
+        # `datamodule_hyper_parameters`) with absolute paths: eval.py rebuilds this DataModule
+        # from them, from any working directory.
+        self.save_hyperparameters(
+            {
+                "corpus": corpus,
+                "path": str(Path(path).expanduser().resolve()) if path else None,
+                "block_size": block_size,
+                "batch_size": batch_size,
+                "val_fraction": val_fraction,
+                "val_batches": val_batches,
+                "cache_dir": str(Path(cache_dir).expanduser().resolve()) if cache_dir else None,
+                "num_workers": num_workers,
+                "seed": seed,
+            }
+        )
         self.corpus, self.path, self.cache_dir = corpus, path, cache_dir
         self.block_size, self.batch_size = block_size, batch_size
         self.val_fraction, self.val_batches = val_fraction, val_batches
         self.num_workers, self.seed = num_workers, seed
-        self.tokenizer: CharTokenizer | None = None
+        self.tokenizer: CharTokenizer | None = tokenizer
         self.train_ids: torch.Tensor | None = None
         self.val_ids: torch.Tensor | None = None
 
     def setup(self, stage: str | None = None) -> None:
         """Load, tokenize and split once (idempotent: Lightning may call it again)."""
-        if self.tokenizer is not None:
+        if self.train_ids is not None:
             return
-        text = load_corpus(self.corpus, self.path, self.cache_dir or ".")
-        tok, ids = encode_cached(text, self.cache_dir)
+        text = load_corpus(self.corpus, self.path, self.cache_dir)
+        if self.tokenizer is None:
+            tok, ids = encode_cached(text, self.cache_dir)
+        else:
+            tok, ids = self.tokenizer, self.tokenizer.encode(text)
         n_train = int(len(ids) * (1 - self.val_fraction))
         for split, n in (("train", n_train), ("val", len(ids) - n_train)):
-            if n < self.block_size + 1:
+            if stage in (None, "fit") and n < self.block_size + 1:
                 raise UserError(
                     f"the corpus has {len(ids)} characters: its {split} split ({n}) is shorter "
                     f"than block_size + 1 = {self.block_size + 1}. Use a longer corpus or a "

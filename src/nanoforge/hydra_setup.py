@@ -1,4 +1,12 @@
-"""Hydra glue shared by the entry points: resolvers, the ``experiments/`` folder, errors.
+"""Hydra glue shared by the entry points: resolvers, the ``experiments/`` folder, the config
+tree, ``resume=RUN_DIR``, and the one-line exit on a user error.
+
+A leaf: it imports nothing else of nanoforge but ``errors``, and knows no task. Each entry
+point hands :func:`run` the function to run::
+
+    @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+    def main(cfg):
+        return hydra_setup.run(train_job, cfg)
 
 ``experiment=NAME`` loads ``experiments/NAME.yaml`` from the repository's top-level
 ``experiments/`` folder (not ``configs/experiment/``): named, reproducible experiments sit
@@ -11,12 +19,36 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS_DIR = REPO_ROOT / "experiments"
+
+T = TypeVar("T")
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (respects taskset/cgroup affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def parallel_jobs() -> int:
+    """Default number of jobs at once for ``hydra/launcher=parallel``: one per GPU, or one
+    per CPU core when there is no GPU (each then trains with one thread)."""
+    return gpu_count() or cpu_cores()
 
 
 def register_resolvers() -> None:
@@ -24,9 +56,8 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("pid"):
         OmegaConf.register_new_resolver("pid", lambda: os.getpid(), use_cache=True)
     # `${parallel_jobs:}`: jobs at once under hydra/launcher=parallel (GPUs, else cores)
-    from nanoforge import launch
-
-    launch.register_resolvers()
+    if not OmegaConf.has_resolver("parallel_jobs"):
+        OmegaConf.register_new_resolver("parallel_jobs", parallel_jobs, use_cache=True)
 
 
 def register_experiments(folder: Path = EXPERIMENTS_DIR) -> None:
@@ -82,11 +113,11 @@ def _is_fresh(output_dir: Path, job_name: str) -> bool:
         return False
 
 
-def run_task(cfg: DictConfig, task: str):
-    """Run one entry point's task; user errors end with a message and exit code 2.
+def run(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
+    """Run an entry point's ``task(cfg)``; a user error ends with one line and exit code 2.
 
     In a sweep (``-m``) a failing job raises instead of exiting: Hydra records it as failed,
-    the other jobs still run and the sweep report lists it (see nanoforge.launch).
+    the other jobs still run and the sweep report lists it (see nanoforge.sweep).
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -98,24 +129,7 @@ def run_task(cfg: DictConfig, task: str):
     output_dir = Path(hc.runtime.output_dir)
     fresh = _is_fresh(output_dir, hc.job.name)
     try:
-        if task == "train":
-            from nanoforge.launch import job_scope, sweep_objective
-            from nanoforge.training import train
-
-            if cfg.get("print_config", True):
-                print_config_tree(cfg)
-            with job_scope(cfg):  # in a sweep: the job's GPU or threads, its DDP ranks' dir
-                metrics = train(cfg)
-            return sweep_objective(metrics, cfg.get("optimized_metric") or "val/loss", multirun)
-        if task == "generate":
-            from nanoforge.inference import generate
-
-            return generate(cfg)
-        if task == "eval":
-            from nanoforge.inference import evaluate
-
-            return evaluate(cfg)
-        raise ValueError(f"unknown task {task!r}")
+        return task(cfg)
     except Exception as e:
         err = find_user_error(e)
         if err is None or os.environ.get("HYDRA_FULL_ERROR") == "1":

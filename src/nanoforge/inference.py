@@ -11,10 +11,14 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from nanoforge.checkpoint import load_model, resolve_checkpoint
-from nanoforge.corpora import atomic_write_bytes, load_corpus
+from nanoforge.checkpoint import load_model, recorded_data, resolve_checkpoint
+from nanoforge.data import TextDataModule
 from nanoforge.errors import UserError
+from nanoforge.io import atomic_write_bytes
 from nanoforge.sampling import check_sampling_args
+
+# the keys of `data=...` that choose which text is scored (eval.py data=text data.path=FILE)
+DATA_SOURCE_KEYS = ("corpus", "path", "val_fraction", "cache_dir")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -113,29 +117,35 @@ def evaluate_ids(model, ids: torch.Tensor, batch_size: int = 32) -> dict:
     return {"loss": loss, "bpc": loss / math.log(2), "perplexity": math.exp(loss), "tokens": count}
 
 
+def evaluation_data(ckpt: dict, data_cfg: DictConfig | None, tokenizer, block_size: int):
+    """The training run's DataModule, rebuilt from what the checkpoint recorded, encoding with
+    the checkpoint's tokenizer. ``data_cfg`` (``eval.py data=...``) swaps in another text: its
+    corpus, path, val_fraction and cache_dir replace the recorded ones."""
+    recorded = recorded_data(ckpt) or {}
+    chosen = {k: data_cfg[k] for k in DATA_SOURCE_KEYS if data_cfg and k in data_cfg}
+    if not recorded and not chosen:
+        raise UserError(
+            "the checkpoint does not say which corpus it was trained on: pass one, e.g. "
+            "data=text data.path=FILE"
+        )
+    args = {**recorded, **chosen, "block_size": block_size}
+    return TextDataModule(**args, tokenizer=tokenizer)
+
+
 def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
     """Score a checkpoint on the whole validation split of its corpus (or of ``data=...``)."""
     device = pick_device(cfg.device)
     ckpt_path = resolve_checkpoint(cfg.ckpt)
     model, tok, ckpt = load_model(ckpt_path, device)
-    data_cfg = cfg.get("data") or ckpt["hyper_parameters"].get("data")
-    if not data_cfg:
-        raise UserError(
-            "the checkpoint does not say which corpus it was trained on: pass one, e.g. "
-            "data=text data.path=FILE"
-        )
-    corpus, path = data_cfg.get("corpus", "text"), data_cfg.get("path")
-    val_fraction = float(data_cfg.get("val_fraction", 0.1))
-    text = load_corpus(corpus, path, data_cfg.get("cache_dir") or "data/cache")
-    ids = torch.from_numpy(tok.encode(text))  # unseen characters: a clear UserError
-    n_train = int(len(ids) * (1 - val_fraction))
-    result = evaluate_ids(model, ids[n_train:], cfg.batch_size)
+    data = evaluation_data(ckpt, cfg.get("data"), tok, model.config.block_size)
+    data.setup("validate")  # unseen characters: a clear UserError
+    result = evaluate_ids(model, data.val_ids, cfg.batch_size)
     result.update(
         {
             "checkpoint": str(ckpt_path.resolve()),
-            "corpus": corpus,
-            "path": path,
-            "val_fraction": val_fraction,
+            "corpus": data.corpus,
+            "path": data.path,
+            "val_fraction": data.val_fraction,
             "step": ckpt.get("global_step"),
         }
     )

@@ -1,116 +1,31 @@
-"""Steps 5 and 7: the training recipe around the GPT, as a LightningModule.
+"""The training recipe around the GPT, as a LightningModule (step 5 of the README's table:
+the loss; step 7: training).
 
-Lightning owns the loop (devices, precision, accumulation, clipping, checkpoints); this file
-owns what is specific to language modelling: the loss, bits per character, which weights get
-weight decay, and the learning-rate schedule (linear warmup, then cosine decay to ``min_lr``,
-stepped once per optimizer step).
+Lightning owns the loop (devices, precision, accumulation, clipping, checkpoints). This file
+owns what is specific to language modelling: the next-token loss, bits per character, exact
+resume of the random state, and the hook that hands Lightning the optimizer and its per-step
+schedule, which ``nanoforge.optim`` builds from ``cfg.optim``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import lightning as L
 import torch
 
-from nanoforge.errors import NonFiniteLossError, UserError
+from nanoforge.errors import NonFiniteLossError
 from nanoforge.model import GPT, GPTConfig
-from nanoforge.optim import MuonAdamW, MuonFP32, muon_params
+from nanoforge.optim import OptimConfig, configure_optimizer
 from nanoforge.tokenizer import CharTokenizer
 
 LN2 = math.log(2.0)
 
 
-@dataclass
-class OptimConfig:
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    eps: float = 1e-8
-    warmup_steps: int = 100
-    decay_steps: int | None = None  # cosine length; None = trainer.max_steps
-    fused: bool | None = None  # fused AdamW kernel; None = use it where PyTorch has one
-    # "cosine": warmup, then half cosine to min_lr. "wsd": warmup, stable at lr, then a linear
-    # cool-down to min_lr over the last cooldown_frac of decay_steps (warmup-stable-decay).
-    schedule: str = "cosine"
-    cooldown_frac: float = 0.2
-    # "adamw", or "muon": torch.optim.Muon for the 2-D weights inside the blocks, AdamW (lr,
-    # betas, weight_decay above) for embeddings, head, biases and norm gains.
-    optimizer: str = "adamw"
-    muon_lr: float = 0.02
-    muon_momentum: float = 0.95
-    muon_weight_decay: float = 0.0
-    # Newton-Schulz in float32 (MuonFP32); None = float32 except on CUDA, where
-    # torch.optim.Muon's bfloat16 iterations are fast (see nanoforge/optim.py)
-    muon_fp32: bool | None = None
-
-    def __post_init__(self):
-        if not self.lr > 0:
-            raise UserError(f"optim.lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise UserError(f"optim.min_lr must be in [0, optim.lr], got {self.min_lr}")
-        if self.warmup_steps < 0:
-            raise UserError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.weight_decay < 0:
-            raise UserError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
-        if self.schedule not in ("cosine", "wsd"):
-            raise UserError(f"optim.schedule must be 'cosine' or 'wsd', got {self.schedule!r}")
-        if not 0.0 <= self.cooldown_frac <= 1.0:
-            raise UserError(f"optim.cooldown_frac must be in [0, 1], got {self.cooldown_frac}")
-        if self.optimizer not in ("adamw", "muon"):
-            raise UserError(f"optim.optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
-        if not self.muon_lr > 0 or self.muon_weight_decay < 0:
-            raise UserError("optim.muon_lr must be > 0 and optim.muon_weight_decay >= 0")
-
-
-def lr_at(
-    step: int,
-    lr: float,
-    min_lr: float,
-    warmup_steps: int,
-    decay_steps: int,
-    schedule: str = "cosine",
-    cooldown_frac: float = 0.2,
-) -> float:
-    """Learning rate for optimizer step ``step`` (0-based).
-
-    Linear warmup from lr/(warmup+1) to lr over ``warmup_steps`` steps, then down to
-    ``min_lr`` at ``decay_steps`` and ``min_lr`` for ever after. "cosine" goes down along a
-    half cosine; "wsd" stays at lr and decays linearly over the last ``cooldown_frac`` of
-    ``decay_steps`` only.
-    """
-    if step < warmup_steps:
-        return lr * (step + 1) / (warmup_steps + 1)
-    if step >= decay_steps:
-        return min_lr
-    if schedule == "wsd":
-        cooldown_start = max(warmup_steps, decay_steps - round(cooldown_frac * decay_steps))
-        if step < cooldown_start:
-            return lr
-        progress = (step - cooldown_start) / max(1, decay_steps - cooldown_start)
-        return lr - progress * (lr - min_lr)
-    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (>= 2-D: linear and embedding weights) only; biases and
-    LayerNorm gains are not decayed. Tied parameters appear once."""
-    params = dict(model.named_parameters())  # named_parameters() de-duplicates tied weights
-    decay = [p for p in params.values() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in params.values() if p.requires_grad and p.dim() < 2]
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
 class GPTModule(L.LightningModule):
-    """GPT + loss + optimizer + schedule. Checkpoints carry the model config and the tokenizer,
-    so a checkpoint alone is enough to generate or evaluate."""
+    """GPT + loss + metrics + the schedule hook. Checkpoints carry the model config and the
+    tokenizer, so a checkpoint alone is enough to generate; the data it was trained on is
+    recorded by the DataModule (``datamodule_hyper_parameters``), so eval.py can rebuild it."""
 
     def __init__(
         self,
@@ -118,19 +33,16 @@ class GPTModule(L.LightningModule):
         optim: dict,
         tokenizer: dict,
         compile: bool = False,
-        data: dict | None = None,
         skip_nonfinite: bool = False,
     ):
         super().__init__()
-        # plain dicts only: checkpoints then load with torch.load(weights_only=True).
-        # `data` records the corpus and split, so eval.py can score the same validation text.
+        # plain dicts only: checkpoints then load with torch.load(weights_only=True)
         self.save_hyperparameters(
             {
                 "model": dict(model),
                 "optim": dict(optim),
                 "tokenizer": dict(tokenizer),
                 "compile": compile,
-                "data": dict(data or {}),
             }
         )
         self.config = GPTConfig.from_dict(dict(model))
@@ -212,41 +124,6 @@ class GPTModule(L.LightningModule):
             self._rng_to_restore = None
 
     def configure_optimizers(self):
-        o = self.optim_config
-        fused = o.fused
-        if fused is None:  # fused AdamW exists on CPU and CUDA in recent PyTorch
-            fused = True
-        muon = muon_params(self.model) if o.optimizer == "muon" else []
-        muon_ids = {id(p) for p in muon}
-        groups = [
-            {**g, "params": [p for p in g["params"] if id(p) not in muon_ids]}
-            for g in param_groups(self.model, o.weight_decay)
-        ]
-        opt = torch.optim.AdamW(
-            [g for g in groups if g["params"]],
-            lr=o.lr,
-            betas=(o.beta1, o.beta2),
-            eps=o.eps,
-            fused=fused,
+        return configure_optimizer(
+            self.model, self.optim_config, self.trainer.max_steps, self.device.type
         )
-        if muon:
-            fp32 = o.muon_fp32 if o.muon_fp32 is not None else self.device.type != "cuda"
-            opt = MuonAdamW(
-                opt,
-                (MuonFP32 if fp32 else torch.optim.Muon)(
-                    muon,
-                    lr=o.muon_lr,
-                    momentum=o.muon_momentum,
-                    weight_decay=o.muon_weight_decay,
-                ),
-            )
-        decay_steps = o.decay_steps or max(1, self.trainer.max_steps)
-        # one multiplier for every group: Muon's LR follows the same warmup and decay shape
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt,
-            lambda s: (
-                lr_at(s, o.lr, o.min_lr, o.warmup_steps, decay_steps, o.schedule, o.cooldown_frac)
-                / o.lr
-            ),
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,22 +1,121 @@
-"""Muon for the hidden matrices, AdamW for everything else, as one optimizer.
+"""The optimizer and its learning-rate schedule: everything ``configs/optim/`` sets.
+
+- :class:`OptimConfig` is ``cfg.optim``, checked: one field per key of ``configs/optim/*.yaml``.
+- :func:`param_groups`: weight decay on matrices only (nanoGPT's decay / no-decay groups).
+- :func:`lr_at`: the schedule, a pure function of the step: linear warmup, then
+  warmup-stable-decay (``wsd``, the default) or a half cosine (``cosine``, nanoGPT's).
+- :func:`configure_optimizer`: AdamW (or Muon + AdamW) and the per-step scheduler, in the form
+  Lightning's ``configure_optimizers`` returns.
 
 Muon (Keller Jordan, used by modded-nanogpt and nanochat) replaces each 2-D weight's momentum
 update by the nearest semi-orthogonal matrix (all singular values ~1), found with a few
 Newton-Schulz iterations: every direction of the matrix moves by the same amount, which
 trains the hidden layers in fewer steps than Adam. Embeddings, the LM head, biases and norm
-gains are not "hidden matrices" and stay with AdamW.
-
-``torch.optim.Muon`` runs its Newton-Schulz iterations in bfloat16: fast on GPUs, but on a
-CPU without native bfloat16 matrix units (AVX2 only, like this project's machine) bfloat16
-matmuls are emulated and one optimizer step of the 0.8M-parameter model took 2.4 s instead of
-~0.06 s (bench/RESULTS.md). ``MuonFP32`` is the same update with the iterations in float32.
+gains are not "hidden matrices" and stay with AdamW. ``torch.optim.Muon`` runs its
+Newton-Schulz iterations in bfloat16: fast on GPUs, but emulated (and many times slower) on
+CPUs without native bfloat16 matrix units; :class:`MuonFP32` is the same update in float32
+(bench/RESULTS.md has the measured cost of both).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
+from nanoforge.errors import UserError
 
+
+@dataclass
+class OptimConfig:
+    """``cfg.optim``, checked. The defaults are ``configs/optim/adamw.yaml``'s."""
+
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    decay_steps: int | None = None  # where the decay ends; None = trainer.max_steps
+    fused: bool | None = None  # fused AdamW kernel; None = use it where PyTorch has one
+    # "wsd": warmup, stable at lr, then a linear cool-down to min_lr over the last
+    # cooldown_frac of decay_steps (warmup-stable-decay). "cosine": warmup, then half cosine.
+    schedule: str = "wsd"
+    cooldown_frac: float = 0.2
+    # "adamw", or "muon": Muon for the 2-D weights inside the blocks, AdamW (lr,
+    # betas, weight_decay above) for embeddings, head, biases and norm gains.
+    optimizer: str = "adamw"
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+    # Newton-Schulz in float32 (MuonFP32); None = float32 except on CUDA, where
+    # torch.optim.Muon's bfloat16 iterations are fast (see the module docstring)
+    muon_fp32: bool | None = None
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise UserError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise UserError(f"optim.min_lr must be in [0, optim.lr], got {self.min_lr}")
+        if self.warmup_steps < 0:
+            raise UserError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.weight_decay < 0:
+            raise UserError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.schedule not in ("cosine", "wsd"):
+            raise UserError(f"optim.schedule must be 'cosine' or 'wsd', got {self.schedule!r}")
+        if not 0.0 <= self.cooldown_frac <= 1.0:
+            raise UserError(f"optim.cooldown_frac must be in [0, 1], got {self.cooldown_frac}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise UserError(f"optim.optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
+        if not self.muon_lr > 0 or self.muon_weight_decay < 0:
+            raise UserError("optim.muon_lr must be > 0 and optim.muon_weight_decay >= 0")
+
+
+def lr_at(
+    step: int,
+    lr: float,
+    min_lr: float,
+    warmup_steps: int,
+    decay_steps: int,
+    schedule: str = "wsd",
+    cooldown_frac: float = 0.2,
+) -> float:
+    """Learning rate for optimizer step ``step`` (0-based).
+
+    Linear warmup from lr/(warmup+1) to lr over ``warmup_steps`` steps, then down to
+    ``min_lr`` at ``decay_steps`` and ``min_lr`` for ever after. "cosine" goes down along a
+    half cosine; "wsd" stays at lr and decays linearly over the last ``cooldown_frac`` of
+    ``decay_steps`` only.
+    """
+    if step < warmup_steps:
+        return lr * (step + 1) / (warmup_steps + 1)
+    if step >= decay_steps:
+        return min_lr
+    if schedule == "wsd":
+        cooldown_start = max(warmup_steps, decay_steps - round(cooldown_frac * decay_steps))
+        if step < cooldown_start:
+            return lr
+        progress = (step - cooldown_start) / max(1, decay_steps - cooldown_start)
+        return lr - progress * (lr - min_lr)
+    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (>= 2-D: linear and embedding weights) only; biases and
+    LayerNorm gains are not decayed. Tied parameters appear once."""
+    params = dict(model.named_parameters())  # named_parameters() de-duplicates tied weights
+    decay = [p for p in params.values() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in params.values() if p.requires_grad and p.dim() < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+# --------------------------------------------------------------------------- Muon
 def orthogonalize(g: torch.Tensor, coefficients, steps: int, eps: float) -> torch.Tensor:
     """Approximately U Vᵀ for g = U S Vᵀ, by ``steps`` quintic Newton-Schulz iterations in
     float32 (the coefficients push every singular value towards ~1 quickly)."""
@@ -105,3 +204,53 @@ class MuonAdamW(torch.optim.Optimizer):
         self.adamw.load_state_dict(state_dict["adamw"])
         self.muon.load_state_dict(state_dict["muon"])
         self.param_groups = [*self.adamw.param_groups, *self.muon.param_groups]
+
+
+def configure_optimizer(
+    model: torch.nn.Module, config: OptimConfig, max_steps: int, device_type: str = "cpu"
+) -> dict:
+    """The optimizer for ``model`` and its per-step LR scheduler, as Lightning's
+    ``configure_optimizers`` returns them.
+
+    AdamW over the decay / no-decay groups; with ``optimizer="muon"`` the hidden matrices
+    (:func:`muon_params`) go to Muon instead, and both are stepped as one
+    :class:`MuonAdamW`. The schedule's length is ``decay_steps``, else ``max_steps``.
+    """
+    o = config
+    fused = o.fused
+    if fused is None:  # fused AdamW exists on CPU and CUDA in recent PyTorch
+        fused = True
+    muon = muon_params(model) if o.optimizer == "muon" else []
+    muon_ids = {id(p) for p in muon}
+    groups = [
+        {**g, "params": [p for p in g["params"] if id(p) not in muon_ids]}
+        for g in param_groups(model, o.weight_decay)
+    ]
+    opt = torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        fused=fused,
+    )
+    if muon:
+        fp32 = o.muon_fp32 if o.muon_fp32 is not None else device_type != "cuda"
+        opt = MuonAdamW(
+            opt,
+            (MuonFP32 if fp32 else torch.optim.Muon)(
+                muon,
+                lr=o.muon_lr,
+                momentum=o.muon_momentum,
+                weight_decay=o.muon_weight_decay,
+            ),
+        )
+    decay_steps = o.decay_steps or max(1, max_steps)
+    # one multiplier for every group: Muon's LR follows the same warmup and decay shape
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            lr_at(s, o.lr, o.min_lr, o.warmup_steps, decay_steps, o.schedule, o.cooldown_frac)
+            / o.lr
+        ),
+    )
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

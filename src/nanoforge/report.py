@@ -1,8 +1,8 @@
 """A sweep's report: one row per job, as a markdown table, a CSV and a plot.
 
 Written into the sweep directory (``logs/train/multiruns/<time>_<pid>/``) by the Hydra
-callback :class:`SweepReport` after every job and at the end of the multirun, and rebuilt for
-any sweep directory with ``python src/report.py SWEEP_DIR``:
+callback ``nanoforge.sweep.SweepReport`` after every job and at the end of the multirun, and
+rebuilt for any sweep directory with ``python src/report.py SWEEP_DIR``:
 
     report.md    the table (the overrides that differ between jobs; the shared ones above it)
     report.csv   the same rows, every override, full precision
@@ -10,7 +10,7 @@ any sweep directory with ``python src/report.py SWEEP_DIR``:
 
 Each job directory holds ``.hydra/overrides.yaml`` (written by Hydra at its start),
 ``metrics.json`` (written by ``nanoforge.callbacks.RunSummary`` when training ends) and
-``job_status.json`` (written by :class:`SweepReport` when the job ends, with its error if it
+``job_status.json`` (written by ``SweepReport`` when the job ends, with its error if it
 failed). A job without a finite final ``val/loss`` is a row marked ``failed``, with the reason;
 a job with no result at all yet is ``unfinished`` (still running, or killed).
 """
@@ -20,20 +20,16 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from nanoforge.corpora import atomic_write_bytes
 from nanoforge.errors import UserError
-
-log = logging.getLogger(__name__)
+from nanoforge.io import atomic_write_bytes
 
 STATUS_FILE = "job_status.json"
 CSV_FIELDS = [
@@ -278,55 +274,6 @@ def write_report(sweep_dir: str | os.PathLike) -> dict[str, Path]:
     _publish(out["csv"], to_csv(rows, sweep_dir).encode("utf-8"))
     _publish(out["png"], plot(rows))
     return out
-
-
-def _global_rank() -> int:
-    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    return 0
-
-
-class SweepReport(Callback):
-    """Hydra callback: keeps ``report.*`` of a multirun up to date.
-
-    After every job (in the process that ran it) it records the job's status in
-    ``job_status.json`` and rebuilds the report, so the report exists even when a job fails
-    and the sweep ends with that error; at the end of the multirun it rebuilds it once more.
-    Single runs are left alone.
-    """
-
-    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        from hydra.core.utils import JobStatus
-        from hydra.types import RunMode
-
-        hydra_cfg = config.get("hydra") if config is not None else None
-        if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN or _global_rank() != 0:
-            return
-        job_dir = Path(hydra_cfg.runtime.output_dir)
-        failed = job_return.status != JobStatus.COMPLETED
-        status: dict[str, Any] = {"status": "failed" if failed else "ok"}
-        if failed:
-            err = job_return._return_value  # the exception; .return_value would re-raise it
-            status["error"] = f"{type(err).__name__}: {err}".strip()
-        else:
-            status["value"] = job_return._return_value
-        atomic_write_bytes(job_dir / STATUS_FILE, json.dumps(status, default=str).encode())
-        self._write(Path(hydra_cfg.sweep.dir))
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        paths = self._write(sweep_dir)
-        if paths:
-            log.info(f"sweep report: {paths['md']} (+ .csv, .png)")
-
-    @staticmethod
-    def _write(sweep_dir: Path) -> dict[str, Path] | None:
-        try:
-            return write_report(sweep_dir)
-        except Exception as e:  # a report must never break the sweep it describes
-            log.warning(f"could not write the sweep report in {sweep_dir}: {e}")
-            return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,21 +1,21 @@
 """train(cfg): build everything from the composed config, fit, and report.
 
-cfg.data    -> TextDataModule   (the tokenizer is built from the corpus here)
-cfg.model   -> GPTConfig        (+ vocab_size from the tokenizer)
-cfg.optim   -> OptimConfig      (AdamW + warmup/cosine schedule, in GPTModule)
-cfg.trainer / callbacks / logger -> lightning.Trainer
+cfg.data    -> TextDataModule   (data.py: the tokenizer is built from the corpus here)
+cfg.model   -> GPTConfig        (model.py, + vocab_size from the tokenizer)
+cfg.optim   -> OptimConfig      (optim.py: AdamW or Muon, warmup + WSD/cosine schedule)
+               both inside GPTModule (module.py)
+cfg.trainer / callbacks / logger -> lightning.Trainer (callbacks.py for ours)
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate as hydra_instantiate
+from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from omegaconf import DictConfig, OmegaConf
 
@@ -27,11 +27,11 @@ from nanoforge.module import GPTModule
 log = logging.getLogger(__name__)
 
 
-def instantiate(config: DictConfig, **kwargs) -> Any:
-    """hydra.utils.instantiate, but a UserError raised while building stays a UserError
+def build_object(config: DictConfig, **kwargs) -> Any:
+    """``hydra.utils.instantiate``, but a UserError raised while building stays a UserError
     (Hydra wraps it in an InstantiationException otherwise)."""
     try:
-        return hydra_instantiate(config, **kwargs)
+        return instantiate(config, **kwargs)
     except InstantiationException as e:
         err = find_user_error(e)
         if isinstance(err, UserError):
@@ -43,7 +43,8 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
     """A config group of named entries (callbacks, loggers) -> a list of objects."""
     if not group:
         return []
-    return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
+    entries = [c for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
+    return [build_object(c) for c in entries]
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -61,7 +62,7 @@ def build(cfg: DictConfig):
     check_config(cfg)
     if cfg.get("seed") is not None:  # `is not None`: seed=0 is a seed too
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
+    datamodule = build_object(cfg.data)
     datamodule.setup("fit")  # builds the tokenizer: the model's vocab_size comes from it
     tok = datamodule.tokenizer
     model_cfg = {**OmegaConf.to_container(cfg.model, resolve=True), "vocab_size": tok.vocab_size}
@@ -71,20 +72,12 @@ def build(cfg: DictConfig):
         tokenizer=tok.state_dict(),
         compile=bool(cfg.get("compile", False)),
         skip_nonfinite=bool(cfg.get("skip_nonfinite_loss", False)),
-        data={
-            "corpus": datamodule.corpus,
-            "path": str(Path(datamodule.path).resolve()) if datamodule.path else None,
-            "val_fraction": datamodule.val_fraction,
-            "cache_dir": str(Path(datamodule.cache_dir).resolve())
-            if datamodule.cache_dir
-            else None,
-        },
     )
     callbacks = _instantiate_group(cfg.get("callbacks"))
     if not cfg.trainer.get("enable_progress_bar", True):  # one switch turns the bar off
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBarBase)]
     loggers = _instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = build_object(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, module, trainer
 
 

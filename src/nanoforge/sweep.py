@@ -1,6 +1,7 @@
-"""Where each job of a sweep runs, and how DDP behaves inside a sweep.
+"""What only a sweep needs: where each job runs, the value it returns, and the report.
 
-``python src/train.py -m ...`` hands its jobs to a Hydra launcher:
+Nothing here changes a single run. ``python src/train.py -m ...`` hands its jobs to a Hydra
+launcher:
 
 - the default launcher runs them one after another in this process;
 - ``hydra/launcher=parallel`` (hydra-joblib-launcher) runs ``n_jobs`` of them at once in worker
@@ -14,55 +15,38 @@ command line of the job and ``hydra.run.dir=<this run's dir>``. Inside a sweep t
 is the *sweep's* (``-m model=tiny,small ...``): each rank would start a sweep of its own in a
 directory of its own. :func:`job_scope` points that command at the job instead: the job's own
 overrides, ``hydra.mode=RUN`` and the job's directory, so every rank shares one directory.
+
+Two Hydra callbacks (``configs/hydra/default.yaml``) act on multiruns only:
+:class:`JobEnvironment` makes jobs in other processes find nanoforge and its resolvers, and
+:class:`SweepReport` keeps the sweep's ``report.md/.csv/.png`` (``nanoforge.report``) up to date.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, read_write
 
+from nanoforge import hydra_setup
 from nanoforge.errors import UserError
+from nanoforge.hydra_setup import cpu_cores, gpu_count
+from nanoforge.io import atomic_write_bytes
+from nanoforge.report import STATUS_FILE, write_report
 
 log = logging.getLogger(__name__)
 
 # what Lightning's DDP launcher puts into os.environ; restored after each job of a sweep, so
 # that the next job starts its own process group instead of joining the last one's
 _DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
-
-
-def cpu_cores() -> int:
-    """Cores this process may run on (respects taskset/cgroup affinity)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
-
-
-def gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def parallel_jobs() -> int:
-    """Default number of jobs at once for ``hydra/launcher=parallel``: one per GPU, or one
-    per CPU core when there is no GPU (each then trains with one thread)."""
-    return gpu_count() or cpu_cores()
-
-
-def register_resolvers() -> None:
-    from omegaconf import OmegaConf
-
-    if not OmegaConf.has_resolver("parallel_jobs"):
-        OmegaConf.register_new_resolver("parallel_jobs", parallel_jobs, use_cache=True)
 
 
 def _joblib_n_jobs(hc: DictConfig) -> int | None:
@@ -120,13 +104,23 @@ def assign_resources(cfg: DictConfig, job_num: int, n_parallel: int) -> dict[str
     return {"threads": threads}
 
 
-def sweep_objective(metrics: dict, metric: str, multirun: bool) -> float | None:
+def in_sweep() -> bool:
+    """True inside a job of a multirun (``-m``, ``hparams_search=...``)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def objective(metrics: dict, metric: str, multirun: bool | None = None) -> float | None:
     """The value a job returns to Hydra's sweeper: ``metrics[metric]``.
 
     In a sweep, a value that is missing, NaN or infinite (the run diverged, or never
     validated) raises instead: Hydra then records a failed job, the Optuna sweeper a failed
-    trial (it cannot rank a NaN), and the sweep goes on.
+    trial (it cannot rank a NaN), and the sweep goes on. ``multirun`` defaults to
+    :func:`in_sweep`.
     """
+    multirun = in_sweep() if multirun is None else multirun
     value = metrics.get(metric)
     if multirun and not (isinstance(value, int | float) and math.isfinite(value)):
         raise FloatingPointError(
@@ -195,26 +189,69 @@ class JobEnvironment(Callback):
     """
 
     def __init__(self) -> None:
-        from nanoforge import hydra_setup
-
         hydra_setup.register_resolvers()
 
     def __setstate__(self, state: dict) -> None:
-        from nanoforge import hydra_setup
-
         self.__dict__.update(state)
         hydra_setup.register_resolvers()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        from nanoforge.hydra_setup import REPO_ROOT
-
         # hydra.sweep.dir is ${paths.log_dir}/... and paths.root_dir is ${hydra:runtime.cwd}:
         # Hydra's sweepers resolve the sweep dir before any job has set HydraConfig, so set it
         # here, from the multirun's own config, for `${hydra:...}` to resolve
         HydraConfig.instance().set_config(config)
-        src = str(REPO_ROOT / "src")
+        src = str(hydra_setup.REPO_ROOT / "src")
         paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         if src not in paths:
             os.environ["PYTHONPATH"] = os.pathsep.join([src, *paths])
+
+
+def _global_rank() -> int:
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+class SweepReport(Callback):
+    """Hydra callback: keeps ``report.*`` of a multirun up to date.
+
+    After every job (in the process that ran it) it records the job's status in
+    ``job_status.json`` and rebuilds the report, so the report exists even when a job fails
+    and the sweep ends with that error; at the end of the multirun it rebuilds it once more.
+    Single runs are left alone.
+    """
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        from hydra.core.utils import JobStatus
+        from hydra.types import RunMode
+
+        hydra_cfg = config.get("hydra") if config is not None else None
+        if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN or _global_rank() != 0:
+            return
+        job_dir = Path(hydra_cfg.runtime.output_dir)
+        failed = job_return.status != JobStatus.COMPLETED
+        status: dict[str, Any] = {"status": "failed" if failed else "ok"}
+        if failed:
+            err = job_return._return_value  # the exception; .return_value would re-raise it
+            status["error"] = f"{type(err).__name__}: {err}".strip()
+        else:
+            status["value"] = job_return._return_value
+        atomic_write_bytes(job_dir / STATUS_FILE, json.dumps(status, default=str).encode())
+        self._write(Path(hydra_cfg.sweep.dir))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        paths = self._write(sweep_dir)
+        if paths:
+            log.info(f"sweep report: {paths['md']} (+ .csv, .png)")
+
+    @staticmethod
+    def _write(sweep_dir: Path) -> dict[str, Path] | None:
+        try:
+            return write_report(sweep_dir)
+        except Exception as e:  # a report must never break the sweep it describes
+            log.warning(f"could not write the sweep report in {sweep_dir}: {e}")
+            return None

@@ -1,0 +1,71 @@
+"""The package's shape: imports only go down, and the Hydra glue is a leaf.
+
+The graph is read from the source (every ``import`` and ``from nanoforge... import``, including
+those inside functions, which a runtime check would miss), then sorted topologically: a cycle
+anywhere makes the sort fail and names the modules on it.
+"""
+
+import ast
+import graphlib
+import subprocess
+import sys
+
+from tests.conftest import SRC
+
+PACKAGE = SRC / "nanoforge"
+
+
+def module_name(path) -> str:
+    return "nanoforge" if path.stem == "__init__" else f"nanoforge.{path.stem}"
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the nanoforge modules it imports, anywhere in its source."""
+    graph = {}
+    for path in sorted(PACKAGE.glob("*.py")):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("nanoforge"):
+                if node.module == "nanoforge":  # from nanoforge import sweep
+                    deps |= {f"nanoforge.{alias.name}" for alias in node.names}
+                else:
+                    deps.add(node.module)
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("nanoforge.")}
+        graph[module_name(path)] = deps - {module_name(path)}
+    return graph
+
+
+def test_imports_name_real_modules_and_form_no_cycle():
+    graph = import_graph()
+    assert len(graph) >= 15
+    for module, deps in graph.items():
+        assert deps <= graph.keys(), f"{module} imports a module that does not exist: {deps}"
+    order = list(graphlib.TopologicalSorter(graph).static_order())  # CycleError on a cycle
+    assert set(order) == graph.keys()
+
+
+def test_hydra_glue_is_a_leaf_and_the_model_knows_no_framework():
+    graph = import_graph()
+    assert graph["nanoforge.hydra_setup"] <= {"nanoforge.errors"}
+    assert graph["nanoforge.errors"] == set()
+    # the from-scratch model depends on nothing of the training framework around it
+    assert graph["nanoforge.model"] <= {"nanoforge.errors", "nanoforge.sampling"}
+    # only the sweep module knows about sweeps; training never imports it
+    users_of_sweep = {m for m, deps in graph.items() if "nanoforge.sweep" in deps}
+    assert users_of_sweep == set()
+
+
+def test_every_module_imports_in_a_fresh_interpreter_and_the_glue_imports_no_torch():
+    modules = sorted(import_graph())
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(SRC)!r})\n"
+        "import nanoforge.hydra_setup\n"
+        "assert 'torch' not in sys.modules, 'hydra_setup pulled in torch'\n"
+        f"for name in {modules!r}:\n"
+        "    __import__(name)\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
