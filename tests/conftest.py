@@ -1,7 +1,13 @@
-"""Shared fixtures: composed configs pointed at temporary folders, small generated corpora."""
+"""Shared fixtures and helpers: the real configs composed with temporary paths, a small
+generated corpus, the entry points run in subprocesses, and one tiny model trained in-process.
+
+Test files mirror the package (``test_<module>.py`` specifies ``nanoforge/<module>.py``);
+``test_e2e_*.py`` run the real entry points in subprocesses and are marked ``slow``.
+"""
 
 from __future__ import annotations
 
+import csv
 import os
 import random
 import subprocess
@@ -61,29 +67,79 @@ def text_file(tmp_path) -> Path:
     return p
 
 
-def compose(overrides: list[str] | None = None, config_name: str = "train"):
-    """Compose the real configs (as the entry point would) with test-friendly paths."""
+def compose(
+    overrides: list[str] | None = None,
+    config_name: str = "train",
+    return_hydra_config: bool = False,
+):
+    """Compose the real configs as the entry point would (with the ``hydra`` node, launcher
+    and sweeper included, when ``return_hydra_config``)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        return hydra_compose(config_name, overrides=overrides or [])
+        return hydra_compose(
+            config_name, overrides=overrides or [], return_hydra_config=return_hydra_config
+        )
+
+
+def compose_run(root: Path, *overrides: str):
+    """``train`` composed for a quiet test run under ``root`` (the run dir is ``root/run``)."""
+    base = [
+        f"paths.root_dir={root}",
+        f"paths.output_dir={root / 'run'}",
+        "model=tiny",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+    ]
+    return compose([*base, *overrides])
 
 
 @pytest.fixture
 def cfg_factory(tmp_path):
-    def factory(*overrides: str):
-        base = [
-            f"paths.root_dir={tmp_path}",
-            f"paths.output_dir={tmp_path / 'run'}",
-            "model=tiny",
-            "logger=none",
-            "trainer.enable_progress_bar=false",
-            "trainer.enable_model_summary=false",
-        ]
-        return compose([*base, *overrides])
+    """``cfg_factory(*overrides)``: :func:`compose_run` under this test's ``tmp_path``."""
+    return lambda *overrides: compose_run(tmp_path, *overrides)
 
-    return factory
+
+@pytest.fixture
+def hydra_config():
+    """``hydra_config(cfg)`` makes ``cfg`` (composed with its ``hydra`` node) the current
+    HydraConfig, as inside a running job; the previous one is put back afterwards."""
+    from hydra.core.hydra_config import HydraConfig
+
+    saved = HydraConfig.instance().cfg
+
+    def set_config(cfg):
+        HydraConfig.instance().set_config(cfg)
+        return HydraConfig.get()
+
+    yield set_config
+    HydraConfig.instance().cfg = saved
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """The run directory of ``model=tiny`` trained in-process for 10 steps on a generated
+    corpus (``corpus.txt`` beside it) with the real composed configs, validating at steps 5 and
+    10: checkpoints (best, last), samples.txt and metrics.json, as ``train.py`` leaves them."""
+    from nanoforge.training import build
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    corpus = root / "corpus.txt"
+    corpus.write_text(make_text(30_000), encoding="utf-8")
+    cfg = compose_run(
+        root,
+        "data=text",
+        f"data.path={corpus}",
+        "data.val_batches=2",
+        "trainer.max_steps=10",
+        "trainer.val_check_interval=5",
+        "callbacks.text_samples.max_new_tokens=20",
+    )
+    datamodule, module, trainer = build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    return root / "run"
 
 
 def run_entry(script: str, *args: str, cwd: Path, timeout: int = 180, env: dict | None = None):
@@ -100,7 +156,28 @@ def run_entry(script: str, *args: str, cwd: Path, timeout: int = 180, env: dict 
     )
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_threads():
-    torch.manual_seed(0)
+def run_dirs(cwd: Path, task: str = "train") -> list[Path]:
+    """The single-run directories train.py made under ``cwd`` (``logs/<task>/runs/*``)."""
+    return sorted((cwd / "logs" / task / "runs").glob("*"))
+
+
+def read_csv(path: Path) -> list[dict]:
+    """The rows of a CSV file (a sweep's report.csv) as dicts."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread than on two, and far faster on a busy machine
+    (spinning OpenMP threads of several processes fight for the same cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Every test starts from the same torch random state."""
+    torch.manual_seed(0)

@@ -1,20 +1,27 @@
-"""The real configs compose, every option of every group, and the keys users override exist."""
+"""configs/ and experiments/: every option of every group composes and resolves, every
+experiment composes and applies, the trainer configs build their strategies, and the keys
+users override exist."""
 
 import pytest
-import torch
+from hydra.utils import instantiate
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import OmegaConf
 
-from nanoforge.training import build
-from tests.conftest import CONFIGS, ROOT, compose, run_entry
+from nanoforge.model import Block
+from tests.conftest import CONFIGS, ROOT, compose
+
+GROUPS = ["model", "data", "optim", "trainer", "callbacks", "logger", "debug", "hparams_search"]
 
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize(
-    "group", ["model", "data", "optim", "trainer", "callbacks", "logger", "debug"]
-)
+def experiments() -> list[str]:
+    return sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", [*GROUPS, "hydra/launcher"])
 def test_every_option_of_every_group_composes(group, tmp_path):
     assert options(group), group
     for name in options(group):
@@ -25,17 +32,33 @@ def test_every_option_of_every_group_composes(group, tmp_path):
 
 
 def test_experiments_compose_and_apply():
-    names = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
-    assert {"baby_cpu", "shakespeare_char"} <= set(names)
-    for name in names:
-        compose([f"experiment={name}"])
-    baby = compose(["experiment=baby_cpu"])
+    names = experiments()
+    assert {"baby_cpu", "shakespeare_char", "scaling"} <= set(names)
+    for name in names:  # with their hydra settings (sweeper, mode), as the entry point sees them
+        assert compose([f"experiment={name}"], return_hydra_config=True).task_name == name
+    baby = compose(["experiment=baby_cpu"])  # nanoGPT's "baby GPT" CPU run
     assert baby.data.corpus == "tinyshakespeare"
     assert (baby.model.n_layer, baby.model.n_head, baby.model.n_embd) == (4, 4, 128)
     assert baby.model.block_size == baby.data.block_size == 64
     assert baby.data.batch_size == 12 and baby.trainer.max_steps == 2000
-    sc = compose(["experiment=shakespeare_char"])
+    sc = compose(["experiment=shakespeare_char"])  # nanoGPT's shakespeare_char GPU run
     assert sc.model.n_embd == 384 and sc.model.dropout == 0.2 and sc.optim.beta2 == 0.99
+
+
+def test_scaling_experiment_sweeps_sizes_at_a_fixed_token_budget():
+    cfg = compose(["experiment=scaling"], return_hydra_config=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    params = cfg.hydra.sweeper.params
+    widths = str(params["model.n_embd"]).split(",")
+    depths = str(params["model.n_layer"]).split(",")
+    assert len(widths) >= 3 and len(depths) >= 2
+    budgets = set()
+    for w in widths:
+        for d in depths:
+            job = compose(["experiment=scaling", f"model.n_embd={w}", f"model.n_layer={d}"])
+            assert job.model.n_embd % job.model.n_head == 0
+            budgets.add(job.trainer.max_steps * job.data.batch_size * job.model.block_size)
+    assert len(budgets) == 1  # every size sees the same number of training tokens
 
 
 def test_common_override_keys_exist():
@@ -46,19 +69,14 @@ def test_common_override_keys_exist():
     assert (cfg.data.batch_size, cfg.optim.lr, cfg.trainer.max_steps) == (7, 0.01, 9)
 
 
-def test_experiment_resolves_from_any_working_directory(tmp_path):
-    r = run_entry("train.py", "experiment=baby_cpu", "--cfg", "job", cwd=tmp_path, timeout=60)
-    assert r.returncode == 0, r.stderr
-    job = OmegaConf.create(r.stdout)
-    assert job.task_name == "baby_cpu" and job.data.corpus == "tinyshakespeare"
-    assert not (tmp_path / "logs").exists()  # printing the config runs nothing
-
-
-def test_seed_is_honoured_including_zero(cfg_factory, text_file):
-    def weights(seed):
-        cfg = cfg_factory(f"seed={seed}", "data=text", f"data.path={text_file}")
-        _, module, _ = build(cfg)
-        return torch.cat([p.flatten() for p in module.parameters()])
-
-    assert torch.equal(weights(0), weights(0))
-    assert not torch.equal(weights(0), weights(1))
+def test_device_configs_compose():
+    """cpu, gpu, ddp, ddp_cpu and fsdp compose; multi-node is trainer.num_nodes; fsdp builds
+    Lightning's FSDPStrategy, wrapping each transformer block."""
+    for name in ("cpu", "gpu", "ddp", "ddp_cpu", "fsdp"):
+        cfg = compose([f"trainer={name}", "trainer.num_nodes=2"])
+        assert cfg.trainer.num_nodes == 2
+    assert compose(["trainer=ddp_cpu"]).trainer.strategy == "ddp"
+    assert compose(["trainer=ddp_cpu"]).trainer.devices == 2
+    fsdp = instantiate(compose(["trainer=fsdp"]).trainer.strategy)
+    assert isinstance(fsdp, FSDPStrategy)
+    assert Block in fsdp.kwargs["auto_wrap_policy"]._module_classes

@@ -1,3 +1,10 @@
+"""nanoforge.corpora: where the text comes from.
+
+The embedded Shakespeare plays (markdown turned into tiny-Shakespeare-style text), any UTF-8
+file or folder of .txt files (bad paths and bytes are UserErrors naming the file and offset),
+and tiny Shakespeare downloaded once, checked against its sha256 and cached.
+"""
+
 import io
 
 import pytest
@@ -103,14 +110,17 @@ def test_tinyshakespeare_offline_says_to_pass_data_path(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+class Resp(io.BytesIO):
+    """What urllib.request.urlopen returns, serving fixed bytes."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
 def test_tinyshakespeare_wrong_hash_caches_nothing(tmp_path, monkeypatch):
-    class Resp(io.BytesIO):
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            return False
-
     monkeypatch.setattr(corpora.urllib.request, "urlopen", lambda *a, **k: Resp(b"not it"))
     with pytest.raises(UserError, match="sha256"):
         load_corpus("tinyshakespeare", None, tmp_path)
@@ -120,14 +130,6 @@ def test_tinyshakespeare_wrong_hash_caches_nothing(tmp_path, monkeypatch):
 def test_tinyshakespeare_good_download_is_cached(tmp_path, monkeypatch):
     data = b"pretend corpus\n"
     monkeypatch.setattr(corpora, "TINYSHAKESPEARE_SHA256", corpora.sha256_bytes(data))
-
-    class Resp(io.BytesIO):
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            return False
-
     calls = []
     monkeypatch.setattr(
         corpora.urllib.request, "urlopen", lambda *a, **k: calls.append(1) or Resp(data)

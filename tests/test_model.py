@@ -1,3 +1,13 @@
+"""nanoforge.model: the GPT, its configuration and its KV-cached generation.
+
+The classic GPT-2 block and every architecture option of GPTConfig (rotary positions,
+RMSNorm, ReLU², QK-norm, zero init, untied head) are each a working GPT in their own right,
+held to the same checks: shapes, causality, initial loss, overfitting one batch, cached
+decoding equal to the full forward.
+"""
+
+from __future__ import annotations
+
 import math
 
 import pytest
@@ -5,9 +15,37 @@ import torch
 from omegaconf import OmegaConf
 
 from nanoforge.errors import UserError
-from nanoforge.model import GPT, GPTConfig, KVCache, reference_attention
+from nanoforge.model import (
+    GPT,
+    GPTConfig,
+    KVCache,
+    apply_rotary,
+    reference_attention,
+    rotary_tables,
+)
 from tests.conftest import CONFIGS, compose
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB = 11
+OPTIONS = {
+    "classic": {},
+    "rotary": {"position": "rotary"},
+    "rmsnorm": {"norm": "rmsnorm"},
+    "relu2": {"activation": "relu2"},
+    "qk_norm": {"qk_norm": True},
+    "zero_init": {"zero_init": True},
+    "untied": {"tie_head": False},
+    "all": {
+        "position": "rotary",
+        "norm": "rmsnorm",
+        "activation": "relu2",
+        "qk_norm": True,
+        "zero_init": True,
+        "tie_head": False,
+    },
+}
+IDS = list(OPTIONS)
 MODEL_CONFIGS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
 
 
@@ -17,8 +55,7 @@ def model_cfg(name: str) -> dict:
 
 
 def cfg_of(name: str, **kw) -> GPTConfig:
-    d = model_cfg(name)
-    return GPTConfig(**{**d, **kw})
+    return GPTConfig(**{**model_cfg(name), **kw})
 
 
 def closed_form_params(c: GPTConfig) -> int:
@@ -29,20 +66,26 @@ def closed_form_params(c: GPTConfig) -> int:
     return V * d + L * per_block + final_ln
 
 
-def tiny(**kw) -> GPT:
-    torch.manual_seed(0)
-    return GPT(
-        GPTConfig(
-            **{"vocab_size": 11, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 16, **kw}
-        )
-    ).eval()
+def tiny(seed: int = 0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    base = {"vocab_size": VOCAB, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 16}
+    return GPT(GPTConfig(**{**base, **kw})).eval()
 
 
+def randomise(m: GPT) -> GPT:
+    """Zero-initialised projections make every position look alike; give them weights so the
+    leakage and cache checks below test something."""
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2 and not p.any():
+                p.normal_(0.0, 0.1)
+    return m
+
+
+# --------------------------------------------------------------------------- sizes and init
 @pytest.mark.parametrize("name", MODEL_CONFIGS)
 def test_param_count_matches_closed_formula(name):
-    c = cfg_of(name, vocab_size=65)
-    if name == "gpt2":
-        c = cfg_of(name, vocab_size=50257)
+    c = cfg_of(name, vocab_size=50257 if name == "gpt2" else 65)
     with torch.device("meta"):  # no memory for the 124M model
         m = GPT(c)
     assert m.num_params() == closed_form_params(c)
@@ -63,18 +106,14 @@ def test_param_count_without_bias():
     assert GPT(c).num_params() == closed_form_params(c)
 
 
+def test_flops_per_token():
+    m = GPT(cfg_of("small", vocab_size=65))
+    assert m.flops_per_token() == 6 * m.num_params() + 12 * 4 * 128 * 64
+
+
 def test_head_is_tied_to_token_embedding():
     m = tiny()
     assert m.lm_head.weight is m.wte.weight
-
-
-def test_init_loss_is_ln_vocab():
-    torch.manual_seed(0)
-    c = cfg_of("small", vocab_size=65)
-    m = GPT(c).eval()
-    idx = torch.randint(65, (8, c.block_size))
-    _, loss = m(idx, torch.randint(65, (8, c.block_size)))
-    assert abs(loss.item() - math.log(65)) < 0.1
 
 
 def test_residual_projections_have_scaled_init():
@@ -86,13 +125,34 @@ def test_residual_projections_have_scaled_init():
     assert abs(m.blocks[0].mlp.c_fc.weight.std().item() - 0.02) < 0.001
 
 
+@pytest.mark.parametrize("opts", OPTIONS.values(), ids=IDS)
+def test_init_loss_is_ln_vocab(opts):
+    torch.manual_seed(0)
+    c = cfg_of("small", vocab_size=65, **opts)
+    m = GPT(c).eval()
+    idx = torch.randint(65, (8, c.block_size))
+    _, loss = m(idx, torch.randint(65, (8, c.block_size)))
+    assert abs(loss.item() - math.log(65)) < 0.1
+
+
+# --------------------------------------------------------------------------- forward
+@pytest.mark.parametrize("opts", OPTIONS.values(), ids=IDS)
+def test_shapes(opts):
+    m = tiny(**opts)
+    logits, loss = m(torch.randint(VOCAB, (3, 16)), torch.randint(VOCAB, (3, 16)))
+    assert logits.shape == (3, 16, VOCAB) and loss.shape == ()
+    logits, loss = m(torch.randint(VOCAB, (2, 5)))
+    assert logits.shape == (2, 5, VOCAB) and loss is None
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "reference"])
-def test_no_causal_leakage(attention):
-    m = tiny(attention=attention)
-    idx = torch.randint(11, (2, 16))
-    for k in (1, 5, 15):
+@pytest.mark.parametrize("opts", OPTIONS.values(), ids=IDS)
+def test_no_causal_leakage(opts, attention):
+    m = randomise(tiny(attention=attention, **opts))
+    idx = torch.randint(VOCAB, (2, 16))
+    for k in (1, 5, 7, 15):
         changed = idx.clone()
-        changed[:, k:] = (changed[:, k:] + 3) % 11
+        changed[:, k:] = (changed[:, k:] + 3) % VOCAB
         a, _ = m(idx)
         b, _ = m(changed)
         assert torch.equal(a[:, :k], b[:, :k])  # bit-identical before k
@@ -107,7 +167,7 @@ def test_fast_attention_equals_reference():
     assert torch.allclose(sdpa(q, k, v, is_causal=True), reference_attention(q, k, v), atol=1e-5)
     fast, ref = tiny(), tiny(attention="reference")
     ref.load_state_dict(fast.state_dict())
-    idx = torch.randint(11, (3, 16))
+    idx = torch.randint(VOCAB, (3, 16))
     assert torch.allclose(fast(idx)[0], ref(idx)[0], atol=1e-5)
 
 
@@ -120,67 +180,118 @@ def test_reference_attention_scales_by_sqrt_head_dim():
     assert torch.allclose(reference_attention(q, k, v), w[0].reshape(1, 1, 1, 1))
 
 
-def test_cached_step_logits_match_full_forward():
+def test_too_long_input_rejected():
     m = tiny()
-    idx = torch.randint(11, (2, 12))
+    with pytest.raises(ValueError, match="block_size"):
+        m(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("opts", OPTIONS.values(), ids=IDS)
+def test_overfits_one_batch(opts):
+    m = tiny(**opts).train()
+    torch.manual_seed(1)
+    x = torch.randint(VOCAB, (4, 16))
+    y = torch.roll(x, -1, dims=1)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    for _ in range(120):
+        _, loss = m(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+
+
+# --------------------------------------------------------------------------- KV cache
+@pytest.mark.parametrize("attention", ["sdpa", "reference"])
+@pytest.mark.parametrize("opts", OPTIONS.values(), ids=IDS)
+def test_cached_decoding_equals_full_forward(opts, attention):
+    """The KV cache must hold keys exactly as the full forward sees them: with rotary, keys
+    rotated by their absolute position (and normalised first, with QK-norm)."""
+    m = randomise(tiny(attention=attention, **opts))
+    idx = torch.randint(VOCAB, (2, 12))
     full, _ = m(idx)
     cache = KVCache(m.config.n_layer)
     prefix, _ = m(idx[:, :5], cache=cache)
     assert torch.allclose(prefix, full[:, :5], atol=1e-5)
-    for t in range(5, 12):
+    for t in range(5, 9):
         step, _ = m(idx[:, t : t + 1], cache=cache)
         assert torch.allclose(step[:, 0], full[:, t], atol=1e-5)
-    # several new tokens after a cached prefix
+    chunk, _ = m(idx[:, 9:12], cache=cache)  # several new tokens after a cached prefix
+    assert torch.allclose(chunk, full[:, 9:12], atol=1e-5)
+    # another split: a chunk right after the prefix, then one token at a time to the end
     cache = KVCache(m.config.n_layer)
     m(idx[:, :4], cache=cache)
     chunk, _ = m(idx[:, 4:9], cache=cache)
     assert torch.allclose(chunk, full[:, 4:9], atol=1e-5)
+    for t in range(9, 12):
+        step, _ = m(idx[:, t : t + 1], cache=cache)
+        assert torch.allclose(step[:, 0], full[:, t], atol=1e-5)
 
 
-def test_greedy_generation_with_cache_equals_recompute():
-    m = tiny()
-    prompt = torch.randint(11, (2, 3))
-    n = m.config.block_size - 3  # within the context window
+@pytest.mark.parametrize("opts", OPTIONS.values(), ids=IDS)
+def test_greedy_generation_with_cache_equals_recompute(opts):
+    m = randomise(tiny(**opts))
+    prompt = torch.randint(VOCAB, (2, 3))
+    n = 40  # past the 16-token window: the cache is rebuilt several times
     cached = torch.stack(list(m.generate(prompt, n, temperature=0)), 1)
-    plain = torch.stack(list(m.generate(prompt, n, temperature=0, use_cache=False)), 1)
-    assert torch.equal(cached, plain)
+    # within the context window (16 - 3 = 13 new tokens) both are exactly the same
+    plain = torch.stack(list(m.generate(prompt, 13, temperature=0, use_cache=False)), 1)
+    assert torch.equal(cached[:, :13], plain)
+    assert cached.shape == (2, n) and int(cached.max()) < VOCAB
 
 
 def test_generation_past_context_length_keeps_working():
     m = tiny()
     out = torch.stack(list(m.generate(torch.zeros(1, 1, dtype=torch.long), 60, temperature=0)), 1)
-    assert out.shape == (1, 60) and int(out.max()) < 11
+    assert out.shape == (1, 60) and int(out.max()) < VOCAB
 
 
-def test_flops_per_token():
-    c = cfg_of("small", vocab_size=65)
-    m = GPT(c)
-    assert m.flops_per_token() == 6 * m.num_params() + 12 * 4 * 128 * 64
+# --------------------------------------------------------------------------- the options
+def test_rotary_scores_depend_on_distance_only():
+    torch.manual_seed(0)
+    cos, sin = rotary_tables(8, 32)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(m, n):
+        qm = apply_rotary(q, cos[m : m + 1], sin[m : m + 1])
+        kn = apply_rotary(k, cos[n : n + 1], sin[n : n + 1])
+        return (qm * kn).sum()
+
+    assert torch.allclose(score(5, 2), score(20, 17), atol=1e-5)
+    assert torch.allclose(score(3, 3), (q * k).sum(), atol=1e-5)  # distance 0: plain q·k
+    assert not torch.allclose(score(5, 2), score(5, 4))
+    x = torch.randn(2, 3, 7, 8)
+    assert torch.allclose(apply_rotary(x, cos[:7], sin[:7]).norm(dim=-1), x.norm(dim=-1))
 
 
-@pytest.mark.parametrize(
-    "kw, match",
-    [
-        ({"n_embd": 30, "n_head": 4}, "divisible"),
-        ({"block_size": 0}, "block_size"),
-        ({"dropout": 1.0}, "dropout"),
-        ({"attention": "flash9"}, "attention"),
-    ],
-)
-def test_bad_model_config(kw, match):
-    with pytest.raises(UserError, match=match):
-        GPTConfig(**kw)
+def test_rotary_has_no_position_parameters_and_keeps_the_checkpoint_format():
+    m = tiny(position="rotary")
+    assert m.wpe is None
+    assert not any("rope" in k for k in m.state_dict())  # the tables are rebuilt, not saved
+    classic = tiny()
+    assert m.num_params() == classic.num_params()  # positions are not counted either way
+    assert m.num_params(non_embedding=False) == classic.num_params(non_embedding=False) - 16 * 16
 
 
-def test_unknown_model_key_named():
-    with pytest.raises(UserError, match="n_layers"):
-        GPTConfig.from_dict({"n_layers": 4})
+def test_untied_head_and_zero_init():
+    untied = tiny(tie_head=False)
+    assert untied.lm_head.weight is not untied.wte.weight
+    assert untied.num_params() == tiny().num_params() + VOCAB * 16
+    z = tiny(zero_init=True, tie_head=False)
+    for b in z.blocks:
+        assert not b.attn.c_proj.weight.any() and not b.mlp.c_proj.weight.any()
+        assert b.attn.c_attn.weight.std() > 0.01  # the rest keeps the GPT-2 init
+    assert not z.lm_head.weight.any()
+    x = torch.randint(VOCAB, (2, 8))
+    logits, _ = z(x)
+    assert torch.equal(logits, torch.zeros_like(logits))  # exactly uniform at the start
 
 
-def test_too_long_input_rejected():
-    m = tiny()
-    with pytest.raises(ValueError, match="block_size"):
-        m(torch.zeros(1, 17, dtype=torch.long))
+def test_rmsnorm_and_relu2_are_what_they_say():
+    m = tiny(norm="rmsnorm", activation="relu2")
+    assert isinstance(m.blocks[0].ln_1, torch.nn.RMSNorm) and isinstance(m.ln_f, torch.nn.RMSNorm)
+    x = torch.tensor([-2.0, -0.5, 0.0, 0.5, 3.0])
+    assert torch.equal(m.blocks[0].mlp.act(x), torch.tensor([0.0, 0.0, 0.0, 0.25, 9.0]))
 
 
 @pytest.mark.parametrize("name", MODEL_CONFIGS)
@@ -195,3 +306,27 @@ def test_model_configs_keep_the_classic_block(name):
         assert getattr(c, key) == getattr(d, key), key
     assert (c.position, c.norm, c.activation) == ("learned", "layernorm", "gelu")
     assert not c.qk_norm and not c.zero_init and c.tie_head
+
+
+# --------------------------------------------------------------------------- bad configs
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"n_embd": 30, "n_head": 4}, "divisible"),
+        ({"block_size": 0}, "block_size"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"attention": "flash9"}, "attention"),
+        ({"position": "alibi"}, "position"),
+        ({"norm": "batchnorm"}, "norm"),
+        ({"activation": "swish"}, "activation"),
+        ({"position": "rotary", "n_embd": 12, "n_head": 4}, "even head size"),
+    ],
+)
+def test_bad_model_config_named(kw, match):
+    with pytest.raises(UserError, match=match):
+        GPTConfig(**kw)
+
+
+def test_unknown_model_key_named():
+    with pytest.raises(UserError, match="n_layers"):
+        GPTConfig.from_dict({"n_layers": 4})

@@ -1,14 +1,24 @@
-import itertools
+"""nanoforge.module: GPTModule, the training recipe Lightning runs.
+
+The next-token loss learns; in a real Lightning fit the learning rate follows lr_at step by
+step and the metrics are logged; a NaN/inf loss stops training (keeping the last good
+checkpoint) unless skipping such batches was asked for.
+"""
+
+from __future__ import annotations
+
 import math
 
 import lightning as L
 import pytest
 import torch
 
-from nanoforge.errors import UserError
+from nanoforge.errors import NonFiniteLossError
 from nanoforge.module import GPTModule
-from nanoforge.optim import OptimConfig, lr_at, param_groups
+from nanoforge.optim import lr_at
 from nanoforge.tokenizer import CharTokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOK = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz .\n")
 MODEL = {"vocab_size": TOK.vocab_size, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32}
@@ -23,32 +33,17 @@ def module(**optim) -> GPTModule:
     )
 
 
-def test_weight_decay_groups_partition_the_parameters():
-    m = module().model
-    decay, no_decay = param_groups(m, 0.1)
-    ids = [id(p) for g in (decay, no_decay) for p in g["params"]]
-    assert len(ids) == len(set(ids))  # disjoint (and the tied weight appears once)
-    assert set(ids) == {id(p) for p in m.parameters()}  # complete
-    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
-    assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
-    assert any(p is m.wte.weight for p in decay["params"])
-
-
-def test_lr_schedule_warmup_peak_floor():
-    lr, min_lr, warm, total = 1e-3, 1e-4, 10, 110
-    lrs = [lr_at(s, lr, min_lr, warm, total, "cosine") for s in range(130)]
-    assert lrs[0] == pytest.approx(lr / 11)
-    assert all(a < b for a, b in itertools.pairwise(lrs[:11]))  # rising in warmup
-    assert lrs[warm] == pytest.approx(lr)  # peak right after warmup
-    assert max(lrs) == pytest.approx(lr)
-    assert all(a >= b for a, b in itertools.pairwise(lrs[10:111]))  # cosine decay
-    assert lrs[60] == pytest.approx(min_lr + 0.5 * (lr - min_lr))  # halfway down
-    assert lrs[110] == lrs[129] == min_lr  # floor
-
-
-def test_optim_config_rejects_bad_lr():
-    with pytest.raises(UserError, match="optim.lr"):
-        OptimConfig(lr=0)
+def trainer(tmp_path, steps: int, callbacks=(), **kw) -> L.Trainer:
+    return L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        callbacks=list(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kw,
+    )
 
 
 def test_module_overfits_a_single_batch():
@@ -79,16 +74,68 @@ def test_trainer_steps_schedule_and_logs(tmp_path):
         def on_train_batch_start(self, trainer, pl_module, batch, i):
             seen.append(trainer.optimizers[0].param_groups[0]["lr"])
 
-    trainer = L.Trainer(
-        max_steps=8,
-        accelerator="cpu",
-        logger=False,
-        callbacks=[Spy()],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(m, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    t = trainer(tmp_path, 8, [Spy()], enable_checkpointing=False)
+    t.fit(m, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
     assert seen == pytest.approx([lr_at(s, 1e-3, 1e-4, 3, 8) for s in range(8)])
-    assert "train/loss" in trainer.callback_metrics
+    assert "train/loss" in t.callback_metrics
+
+
+# --------------------------------------------------------------------------- NaN / inf loss
+NAN_TOK = CharTokenizer.from_text("abcdefgh \n")
+
+
+class PoisonedModule(GPTModule):
+    """Returns a NaN loss on the given training calls (what an exploding run looks like)."""
+
+    def __init__(self, poisoned: set[int], **kw):
+        super().__init__(
+            model={
+                "vocab_size": NAN_TOK.vocab_size,
+                "block_size": 8,
+                "n_layer": 1,
+                "n_head": 1,
+                "n_embd": 8,
+            },
+            optim={"warmup_steps": 0},
+            tokenizer=NAN_TOK.state_dict(),
+            **kw,
+        )
+        self.poisoned, self.calls = poisoned, 0
+
+    def forward(self, idx, targets=None):
+        logits, loss = super().forward(idx, targets)
+        if loss is not None and self.training:
+            if self.calls in self.poisoned:
+                loss = loss * float("nan")
+            self.calls += 1
+        return logits, loss
+
+
+def fit_poisoned(module, tmp_path, steps=12) -> L.Trainer:
+    x = torch.randint(NAN_TOK.vocab_size, (2, 8))
+    data = torch.utils.data.DataLoader([(x, x)] * 100, batch_size=None)
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=tmp_path, save_last=True, every_n_train_steps=1
+    )
+    t = trainer(tmp_path, steps, [ckpt])
+    t.fit(module, train_dataloaders=data)
+    return t
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(NonFiniteLossError, match="became nan at step 5"):
+        fit_poisoned(PoisonedModule(poisoned=set(range(5, 100))), tmp_path)
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 5
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+
+
+def test_nan_batches_can_be_skipped_and_counted(tmp_path):
+    module = PoisonedModule(poisoned={5, 6, 7}, skip_nonfinite=True)
+    t = fit_poisoned(module, tmp_path, steps=10)
+    # a skipped batch still counts as a step (Lightning steps the optimizer with no gradients,
+    # so nothing is updated); training ran to the end
+    assert t.global_step == 10 and module.calls == 10
+    assert module.skipped_batches == 3
+    assert t.callback_metrics["train/skipped_batches"] == 3
+    assert all(torch.isfinite(p).all() for p in module.parameters())

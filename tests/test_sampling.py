@@ -1,3 +1,10 @@
+"""nanoforge.sampling: picking the next token from logits.
+
+top-k keeps exactly k, top-p the smallest set reaching p; top_k=1 and temperature 0 are
+greedy; a seeded generator gives the same samples, each row its own; bad arguments are
+UserErrors.
+"""
+
 import pytest
 import torch
 

@@ -1,3 +1,10 @@
+"""nanoforge.tokenizer: the character-level tokenizer.
+
+The vocabulary is the sorted set of the corpus's characters (the same in every process);
+text round-trips; characters it never saw are a UserError that lists them; its state
+round-trips through a checkpoint, and a foreign state is refused.
+"""
+
 import json
 import subprocess
 import sys
@@ -34,13 +41,15 @@ def test_unseen_characters_error_lists_them():
     assert tok.unknown_chars("Zz~") == ["Z", "~"]  # 'z' is in "Citizen"
 
 
-def test_vocabulary_identical_across_processes():
+def test_vocabulary_identical_across_processes(tmp_path):
     """The vocabulary must not depend on string hashing (PYTHONHASHSEED) or the process."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_text(5000, seed=3), encoding="utf-8")
     code = (
         "import json,sys; sys.path.insert(0,'src');"
         "from nanoforge.tokenizer import CharTokenizer;"
-        "from tests.conftest import make_text;"
-        "print(json.dumps(CharTokenizer.from_text(make_text(5000, seed=3)).chars))"
+        f"text = open({str(corpus)!r}, encoding='utf-8').read();"
+        "print(json.dumps(CharTokenizer.from_text(text).chars))"
     )
     outs = set()
     for hashseed in ("1", "2", "random"):

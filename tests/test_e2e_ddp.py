@@ -1,14 +1,15 @@
-"""DDP for real on this CPU: trainer=ddp_cpu, 2 processes (gloo), alone and inside a sweep.
+"""End to end: DDP for real on this CPU: trainer=ddp_cpu, 2 processes (gloo), alone and
+inside a sweep.
 
 What must hold: one run directory for both ranks (not one per rank), checkpoints, TensorBoard
 events, samples and metrics.json written once (by rank 0), each rank drawing its own batch of
 data.batch_size windows (the global batch is 2 x data.batch_size, as configs/trainer/ddp_cpu.yaml
-documents), and the same weights on both ranks at the end.
+documents), and the same weights on both ranks at the end. (That the device configs compose
+is in test_configs.py.)
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from pathlib import Path
@@ -17,7 +18,9 @@ import lightning as L
 import pytest
 import torch
 
-from tests.conftest import ROOT, compose, make_text, run_entry
+from tests.conftest import ROOT, make_text, read_csv, run_dirs, run_entry
+
+pytestmark = pytest.mark.slow
 
 BATCH, BLOCK, STEPS = 12, 32, 6
 
@@ -60,7 +63,7 @@ ARGS = [
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
     "print_config=false",
-    "+callbacks.rank_probe._target_=tests.test_ddp.SaveRankState",
+    "+callbacks.rank_probe._target_=tests.test_e2e_ddp.SaveRankState",
     "+callbacks.rank_probe.out_dir=${paths.output_dir}",
 ]
 
@@ -99,15 +102,13 @@ def check_ddp_run_dir(run: Path) -> None:
     assert (run / "train_ddp_process_1.log").is_file()  # rank 1 ran in this directory too
 
 
-@pytest.mark.slow
 def test_ddp_cpu_run_two_processes_one_directory_same_weights(tmp_path):
     run_train(tmp_path, "trainer=ddp_cpu", *ARGS)
-    runs = sorted((tmp_path / "logs" / "train" / "runs").iterdir())
+    runs = run_dirs(tmp_path)
     assert len(runs) == 1, runs  # not one directory per rank
     check_ddp_run_dir(runs[0])
 
 
-@pytest.mark.slow
 def test_sweep_across_cpu_and_ddp_cpu(tmp_path):
     """`-m trainer=cpu,ddp_cpu`: rank 1 of the DDP job joins that job's directory, and does
     not start a sweep of its own (it would if it re-ran the sweep's command line)."""
@@ -116,26 +117,8 @@ def test_sweep_across_cpu_and_ddp_cpu(tmp_path):
     assert not (tmp_path / "logs" / "train" / "runs").exists()
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
     check_ddp_run_dir(sweep / "1")
-    with open(sweep / "report.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv(sweep / "report.csv")
     assert [(r["job"], r["status"]) for r in rows] == [("0", "ok"), ("1", "ok")]
     assert "trainer=cpu" in rows[0]["overrides"] and "trainer=ddp_cpu" in rows[1]["overrides"]
     # the DDP job's steps saw twice the tokens of the single-process job's
     assert int(rows[1]["tokens_seen"]) == 2 * int(rows[0]["tokens_seen"])
-
-
-def test_device_configs_compose():
-    """cpu, gpu, ddp, ddp_cpu and fsdp compose; multi-node is trainer.num_nodes."""
-    from hydra.utils import instantiate
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    from nanoforge.model import Block
-
-    for name in ("cpu", "gpu", "ddp", "ddp_cpu", "fsdp"):
-        cfg = compose([f"trainer={name}", "trainer.num_nodes=2"])
-        assert cfg.trainer.num_nodes == 2
-    assert compose(["trainer=ddp_cpu"]).trainer.strategy == "ddp"
-    assert compose(["trainer=ddp_cpu"]).trainer.devices == 2
-    fsdp = instantiate(compose(["trainer=fsdp"]).trainer.strategy)
-    assert isinstance(fsdp, FSDPStrategy)
-    assert Block in fsdp.kwargs["auto_wrap_policy"]._module_classes

@@ -13,13 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import make_text, run_entry
+from tests.conftest import SRC, make_text, run_dirs, run_entry
 
 pytestmark = pytest.mark.slow
-
-
-def run_dirs(cwd: Path) -> list[Path]:
-    return sorted((cwd / "logs" / "train" / "runs").glob("*"))
 
 
 @pytest.fixture(scope="module")
@@ -42,22 +38,16 @@ def trained_run(tmp_path_factory) -> Path:
 
 
 def test_run_directory_layout(trained_run):
+    """What a run leaves (the callbacks' own files are specified in test_callbacks.py)."""
     assert (trained_run / ".hydra" / "config.yaml").is_file()
     assert {p.name for p in (trained_run / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
     assert any((trained_run / "tensorboard").glob("events.out.tfevents.*"))
     out = (trained_run / "stdout.txt").read_text()
     assert "step 20: val/loss=" in out and "step 40: val/loss=" in out and "val/bpc=" in out
-
-
-def test_metrics_json(trained_run):
     m = json.loads((trained_run / "metrics.json").read_text())
-    assert m["steps"] == 40
+    assert m["steps"] == 40 and [h["step"] for h in m["history"]] == [20, 40]
     assert m["tokens_seen"] == 40 * 12 * 32  # steps x batch x block
-    assert m["best/val/loss"] <= m["val/loss"] and m["val/bpc"] == pytest.approx(
-        m["val/loss"] / 0.6931471805599453, rel=1e-6
-    )
-    assert [h["step"] for h in m["history"]] == [20, 40]
-    assert m["num_params"] > 0 and m["wall_seconds"] > 0 and m["train_tokens_per_sec"] > 0
+    assert "===== step 40 =====" in (trained_run / "samples.txt").read_text()
 
 
 def test_checkpoint_is_self_contained(trained_run):
@@ -66,11 +56,6 @@ def test_checkpoint_is_self_contained(trained_run):
     assert hp["model"]["n_layer"] == 2 and hp["tokenizer"]["type"] == "char"
     assert len(hp["tokenizer"]["chars"]) == hp["model"]["vocab_size"]
     assert ckpt["global_step"] == 40
-
-
-def test_samples_txt(trained_run):
-    text = (trained_run / "samples.txt").read_text()
-    assert text.count("===== step ") == 2 and "===== step 40 =====" in text
 
 
 def test_tensorboard_events_hold_scalars_and_text(trained_run):
@@ -135,12 +120,7 @@ def test_tensorboard_server_lists_the_run(trained_run):
 
 def test_fast_dev_run_and_simultaneous_runs_get_their_own_directories(tmp_path):
     """`debug=fdr` runs the real entry point; two runs started together never share a dir."""
-    args = [
-        sys.executable,
-        str(Path(__file__).parents[1] / "src" / "train.py"),
-        "debug=fdr",
-        "model=tiny",
-    ]
+    args = [sys.executable, str(SRC / "train.py"), "debug=fdr", "model=tiny"]
     procs = [
         subprocess.Popen(
             args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

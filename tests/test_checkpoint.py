@@ -1,0 +1,165 @@
+"""nanoforge.checkpoint: a checkpoint alone rebuilds the model, and reading one is safe.
+
+resolve_checkpoint finds a run's checkpoint; load_model rebuilds the GPT and its tokenizer;
+recorded_data says which text a run trained on; check_resumable and load_model refuse, with
+a clear UserError, anything that is not a nanoforge checkpoint (and never unpickle code);
+AtomicCheckpointIO never leaves a half-written checkpoint, even under kill -9.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoforge.checkpoint import (
+    AtomicCheckpointIO,
+    check_resumable,
+    load_model,
+    recorded_data,
+    resolve_checkpoint,
+)
+from nanoforge.errors import UserError
+from tests.conftest import SRC
+
+
+# --------------------------------------------------------------------------- finding one
+def test_resolve_checkpoint_prefers_best_then_last(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(UserError, match="holds no checkpoints/best.ckpt"):
+        resolve_checkpoint(run)
+    (run / "checkpoints" / "last.ckpt").touch()
+    assert resolve_checkpoint(run) == run / "checkpoints" / "last.ckpt"
+    (run / "checkpoints" / "best.ckpt").touch()
+    assert resolve_checkpoint(run) == run / "checkpoints" / "best.ckpt"
+    assert resolve_checkpoint(run / "checkpoints") == run / "checkpoints" / "best.ckpt"
+    assert resolve_checkpoint(run / "checkpoints" / "last.ckpt").name == "last.ckpt"  # a file
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_checkpoint(tmp_path / "nowhere.ckpt")
+    with pytest.raises(UserError, match="no checkpoint given"):
+        resolve_checkpoint(None)
+
+
+# --------------------------------------------------------------------------- loading one
+def test_checkpoint_alone_rebuilds_the_model(tiny_run):
+    assert resolve_checkpoint(tiny_run).name == "best.ckpt"
+    model, tok, ckpt = load_model(tiny_run)
+    assert not model.training and tok.vocab_size == model.config.vocab_size
+    saved = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+
+def test_recorded_data_reads_the_datamodule_and_older_checkpoints(tiny_run):
+    ckpt = torch.load(tiny_run / "checkpoints" / "last.ckpt", weights_only=True)
+    recorded = recorded_data(ckpt)  # what Lightning saved: datamodule_hyper_parameters
+    assert recorded == dict(ckpt["datamodule_hyper_parameters"])
+    assert recorded["corpus"] == "text"
+    assert recorded["path"] == str((tiny_run.parent / "corpus.txt").resolve())
+    legacy = {  # checkpoints written before the DataModule recorded itself
+        "hyper_parameters": {"data": {"corpus": "text", "path": "/old/corpus.txt"}},
+    }
+    assert recorded_data(legacy) == {"corpus": "text", "path": "/old/corpus.txt"}
+    assert recorded_data({**legacy, "datamodule_hyper_parameters": recorded}) == recorded
+    assert recorded_data({"hyper_parameters": {"model": {}}}) is None
+    assert recorded_data({}) is None
+
+
+def test_checkpoint_errors(tmp_path, tiny_run):
+    good = tiny_run / "checkpoints" / "last.ckpt"
+    model, tok, _ = load_model(good)  # the good one loads
+    assert tok.vocab_size == model.config.vocab_size
+    check_resumable(good)
+    assert zipfile.is_zipfile(good)  # torch's format: a zip archive
+
+    with pytest.raises(UserError, match="does not exist"):
+        load_model(tmp_path / "nope.ckpt")
+    notckpt = tmp_path / "notes.ckpt"
+    notckpt.write_text("these are my notes, not a checkpoint")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_model(notckpt)
+    truncated = tmp_path / "truncated.ckpt"
+    data = good.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_model(truncated)
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        check_resumable(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": {"w": torch.zeros(3)}, "epoch": 3}, foreign)
+    with pytest.raises(UserError, match="not saved by nanoforge"):
+        load_model(foreign)
+    with pytest.raises(UserError, match="not a nanoforge training checkpoint"):
+        check_resumable(foreign)
+
+
+class Evil:
+    """Unpickling this would create a file (what an attacker's checkpoint would do)."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (self.target,))
+
+
+def test_malicious_checkpoint_does_not_run(tmp_path):
+    target = tmp_path / "pwned"
+    bad = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": Evil(target)}, bad)
+    with pytest.raises(UserError, match="refused for safety"):
+        load_model(bad)
+    with pytest.raises(UserError, match="refused for safety"):
+        check_resumable(bad)
+    assert not target.exists()
+    torch.load(bad, weights_only=False)  # the file really is armed: a plain unpickle runs it
+    assert target.exists()
+
+
+# --------------------------------------------------------------------------- writing one
+WRITER = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, {src!r})
+    from nanoforge.checkpoint import AtomicCheckpointIO
+    io = AtomicCheckpointIO()
+    i = 0
+    print("ready", flush=True)
+    while True:  # ~40 MB per checkpoint: kills land mid-write
+        io.save_checkpoint({{"i": i, "w": torch.full((10_000_000,), float(i))}}, {target!r})
+        i += 1
+    """
+)
+
+
+@pytest.mark.slow
+def test_kill_9_during_checkpoint_writes_never_leaves_a_broken_file(tmp_path):
+    target = tmp_path / "last.ckpt"
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(4):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER.format(src=str(SRC), target=str(target))],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.3, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if target.exists():  # whatever is there is complete and loadable
+            ckpt = torch.load(target, weights_only=True)
+            assert torch.all(ckpt["w"] == float(ckpt["i"]))
+            seen.add(ckpt["i"])
+    assert seen, "no checkpoint was ever completed"
+    # the next save cleans up temporary files an earlier kill left behind
+    AtomicCheckpointIO().save_checkpoint({"i": -1}, target)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]

@@ -1,0 +1,180 @@
+"""nanoforge.hydra_setup: the Hydra glue every entry point shares.
+
+``resume=RUN_DIR`` becomes the overrides that continue that run in place (a bad directory
+exits 2 with one line); ``run`` ends a user error with one line and exit code 2, leaving no
+fresh run directory behind, but raises it inside a sweep so the other jobs go on; the
+``${parallel_jobs:}`` resolver counts GPUs, else cores; experiments are found from any working
+directory; Hydra's own config errors are short and non-zero.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hydra.types import RunMode
+from omegaconf import OmegaConf, read_write
+
+from nanoforge import hydra_setup
+from nanoforge.errors import UserError
+from nanoforge.hydra_setup import expand_resume, parallel_jobs
+from tests.conftest import compose, run_dirs, run_entry
+
+
+# --------------------------------------------------------------------------- resume=RUN_DIR
+def make_run(run, overrides: list[str], checkpoint: bool = True):
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(overrides), run / ".hydra" / "overrides.yaml")
+    if checkpoint:
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "last.ckpt").touch()
+    return run
+
+
+def test_resume_replays_the_recorded_overrides_and_continues_in_the_run_dir(tmp_path):
+    recorded = ["model=tiny", "trainer.max_steps=20", "+model.foo=1", "ckpt_path=old.ckpt"]
+    run = make_run(tmp_path / "run", [*recorded, "hydra.run.dir=elsewhere", "seed=3"])
+    argv = ["train.py", "trainer.max_steps=40", f"resume={run}", "+model.foo=2"]
+    assert expand_resume(argv) == [
+        "train.py",
+        "model=tiny",  # the recorded overrides first
+        "seed=3",
+        "trainer.max_steps=40",  # then the new ones: a key given again replaces the recorded
+        "+model.foo=2",
+        f"hydra.run.dir={run}",  # in the run's own directory
+        f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",  # from its last checkpoint
+    ]
+    assert expand_resume(["train.py", "model=small"]) == ["train.py", "model=small"]
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p, "not a run directory (no .hydra/overrides.yaml)"),
+        (lambda p: make_run(p / "run", ["model=tiny"], checkpoint=False), "no checkpoints/last"),
+    ],
+)
+def test_resume_of_a_bad_directory_exits_2_with_one_line(tmp_path, capsys, make, message):
+    run = make(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        expand_resume(["train.py", f"resume={run}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: resume={run}: ") and message in err
+    assert err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- run()
+@pytest.fixture
+def job(hydra_config, tmp_path, monkeypatch):
+    """``job(mode)``: HydraConfig as inside a job whose run dir is ``tmp_path/run``, holding
+    only what Hydra writes at start-up."""
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    out = tmp_path / "run"
+
+    def make(mode=RunMode.RUN):
+        (out / ".hydra").mkdir(parents=True, exist_ok=True)
+        (out / "train.log").touch()
+        cfg = compose(["model=tiny"], return_hydra_config=True)
+        with read_write(cfg.hydra):
+            cfg.hydra.runtime.output_dir = str(out)
+            cfg.hydra.job.name = "train"
+            cfg.hydra.mode = mode
+        hydra_config(cfg)
+        return cfg, out
+
+    return make
+
+
+def fails(cfg):
+    raise UserError("data.path 'x.txt' does not exist")
+
+
+def test_run_returns_what_the_task_returns(job):
+    cfg, _ = job()
+    assert hydra_setup.run(lambda c: c.model.n_layer, cfg) == cfg.model.n_layer
+
+
+def test_a_user_error_exits_2_with_one_line_and_leaves_no_fresh_run_dir(job, capsys):
+    cfg, out = job()
+    with pytest.raises(SystemExit) as e:
+        hydra_setup.run(fails, cfg)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: data.path 'x.txt' does not exist\n"
+    assert not out.exists()
+
+
+def test_a_user_error_keeps_a_run_dir_that_saved_a_checkpoint(job, capsys):
+    cfg, out = job()
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "last.ckpt").touch()
+    with pytest.raises(SystemExit) as e:
+        hydra_setup.run(fails, cfg)
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: data.path")
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_wrapped_user_error_counts_and_any_other_error_keeps_its_traceback(job, capsys):
+    cfg, _ = job()
+
+    def wrapped(c):
+        try:
+            fails(c)
+        except UserError as e:
+            raise RuntimeError("instantiate failed") from e
+
+    with pytest.raises(SystemExit):
+        hydra_setup.run(wrapped, cfg)
+    assert capsys.readouterr().err == "error: data.path 'x.txt' does not exist\n"
+
+    def bug(c):
+        raise KeyError("a bug")
+
+    cfg, out = job()
+    with pytest.raises(KeyError, match="a bug"):
+        hydra_setup.run(bug, cfg)
+    assert out.is_dir()
+
+
+def test_in_a_sweep_a_user_error_is_raised_for_hydra_to_record(job, capsys):
+    cfg, out = job(RunMode.MULTIRUN)
+    with pytest.raises(UserError, match="does not exist"):
+        hydra_setup.run(fails, cfg)
+    assert capsys.readouterr().err == "error: data.path 'x.txt' does not exist\n"
+    assert out.is_dir()  # the job's directory stays, for the sweep report
+
+
+# --------------------------------------------------------------------------- resolvers
+def test_parallel_jobs_is_one_per_gpu_else_one_per_core(monkeypatch):
+    monkeypatch.setattr(hydra_setup, "cpu_cores", lambda: 8)
+    monkeypatch.setattr(hydra_setup, "gpu_count", lambda: 0)
+    assert parallel_jobs() == 8
+    monkeypatch.setattr(hydra_setup, "gpu_count", lambda: 4)
+    assert parallel_jobs() == 4
+    monkeypatch.undo()
+    # hydra/launcher=parallel runs that many jobs at once
+    launcher = compose(["hydra/launcher=parallel"], return_hydra_config=True).hydra.launcher
+    assert launcher.n_jobs == parallel_jobs()
+
+
+# --------------------------------------------------------------------------- entry points
+def test_experiment_resolves_from_any_working_directory(tmp_path):
+    r = run_entry("train.py", "experiment=baby_cpu", "--cfg", "job", cwd=tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr
+    job = OmegaConf.create(r.stdout)
+    assert job.task_name == "baby_cpu" and job.data.corpus == "tinyshakespeare"
+    assert not (tmp_path / "logs").exists()  # printing the config runs nothing
+
+
+@pytest.mark.slow
+def test_hydra_config_errors_are_short_and_non_zero(tmp_path):
+    cases = [
+        (["model=huge"], "Could not find 'model/huge'"),
+        (["model.n_layers=4"], "n_layers"),
+    ]
+    for args, expected in cases:
+        r = run_entry("train.py", *args, cwd=tmp_path, timeout=60)
+        assert r.returncode != 0 and expected in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+    r = run_entry("train.py", "model=tiny", "trainer.max_steps=abc", cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and "trainer.max_steps must be a positive integer" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert run_dirs(tmp_path) == []

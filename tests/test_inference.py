@@ -1,0 +1,157 @@
+"""nanoforge.inference: what generate.py and eval.py do with a checkpoint.
+
+generate samples continuations of a prompt (streamed, reproducible from its seed, greedy with
+or without the KV cache alike); evaluate_ids scores every token once; evaluate rebuilds the
+run's TextDataModule from the checkpoint (or another text, ``data=text data.path=FILE``),
+scores its whole validation split and writes eval.json.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from nanoforge.checkpoint import load_model
+from nanoforge.errors import UserError
+from nanoforge.inference import evaluate, evaluate_ids, evaluation_data, generate
+from nanoforge.model import GPT, GPTConfig
+from tests.conftest import make_text
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def gen_cfg(run, **kw):
+    base = dict(
+        ckpt=str(run),
+        prompt="ROMEO:",
+        max_new_tokens=30,
+        num_samples=1,
+        temperature=0.8,
+        top_k=None,
+        top_p=None,
+        seed=1,
+        use_cache=True,
+        device="cpu",
+    )
+    return OmegaConf.create({**base, **kw})
+
+
+def eval_cfg(run, **kw):
+    base = {"ckpt": str(run), "batch_size": 16, "output": None, "device": "cpu", "data": None}
+    return OmegaConf.create({**base, **kw})
+
+
+# --------------------------------------------------------------------------- generate
+def test_generate_streams_and_is_reproducible(tiny_run):
+    out = io.StringIO()
+    (text,) = generate(gen_cfg(tiny_run), out=out)
+    assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 30
+    assert out.getvalue() == text + "\n"
+    assert generate(gen_cfg(tiny_run), out=io.StringIO()) == [text]  # same seed, same text
+    assert generate(gen_cfg(tiny_run, seed=2), out=io.StringIO()) != [text]
+
+
+def test_generate_greedy_with_and_without_cache_agree(tiny_run):
+    kw = dict(temperature=0, max_new_tokens=60)  # past the 32-token context of model=tiny
+    cached = generate(gen_cfg(tiny_run, **kw), out=io.StringIO())
+    greedy_k1 = generate(
+        gen_cfg(tiny_run, temperature=1.0, top_k=1, max_new_tokens=60), out=io.StringIO()
+    )
+    assert cached == greedy_k1  # top_k=1 is greedy
+    short = dict(temperature=0, max_new_tokens=20)  # within the context: exactly equal
+    assert generate(gen_cfg(tiny_run, **short), out=io.StringIO()) == generate(
+        gen_cfg(tiny_run, use_cache=False, **short), out=io.StringIO()
+    )
+
+
+def test_batched_samples_have_their_own_streams(tiny_run):
+    out = io.StringIO()
+    texts = generate(gen_cfg(tiny_run, num_samples=3, top_k=10, top_p=0.95), out=out)
+    assert len(texts) == 3 and len(set(texts)) == 3
+    assert out.getvalue().count("----- sample ") == 3
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"prompt": "ROMEO€"}, "never saw: '€'"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"ckpt": "nowhere.ckpt"}, "does not exist"),
+    ],
+)
+def test_generate_bad_arguments(tiny_run, kw, match):
+    with pytest.raises(UserError, match=match):
+        generate(gen_cfg(tiny_run, **kw), out=io.StringIO())
+
+
+# --------------------------------------------------------------------------- evaluate
+def test_evaluate_ids_scores_every_token_once():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=7, block_size=5, n_layer=1, n_head=1, n_embd=8)).eval()
+    ids = torch.randint(7, (23,))
+    res = evaluate_ids(model, ids, batch_size=2)
+    assert res["tokens"] == 22
+    # brute force: window by window, in 5-token chunks, the last one shorter
+    total = 0.0
+    for s in range(0, 22, 5):
+        x, y = ids[s : min(s + 5, 22)], ids[s + 1 : min(s + 6, 23)]
+        total += F.cross_entropy(model(x[None])[0][0], y, reduction="sum").item()
+    assert res["loss"] == pytest.approx(total / 22, rel=1e-6)
+    assert res["bpc"] == pytest.approx(res["loss"] / math.log(2))
+    assert res["perplexity"] == pytest.approx(math.exp(res["loss"]))
+    assert evaluate_ids(model, ids, batch_size=7) == pytest.approx(res)  # batching is invisible
+
+
+def test_evaluation_data_is_the_recorded_text_unless_another_is_given(tiny_run, tmp_path):
+    model, tok, ckpt = load_model(tiny_run)
+    block = model.config.block_size
+    recorded = evaluation_data(ckpt, None, tok, block)
+    assert (recorded.corpus, recorded.path) == (
+        "text",
+        str((tiny_run.parent / "corpus.txt").resolve()),
+    )
+    assert recorded.tokenizer is tok and recorded.block_size == block
+    other = tmp_path / "other.txt"
+    chosen = OmegaConf.create({"corpus": "text", "path": str(other), "batch_size": 99})
+    swapped = evaluation_data(ckpt, chosen, tok, block)
+    assert swapped.path == str(other) and swapped.val_fraction == recorded.val_fraction
+    assert swapped.batch_size == recorded.batch_size  # only the keys that choose the text
+    with pytest.raises(UserError, match="does not say which corpus"):
+        evaluation_data({"hyper_parameters": {}}, None, tok, block)
+
+
+def test_eval_is_deterministic_and_writes_eval_json(tiny_run):
+    a = evaluate(eval_cfg(tiny_run), out=io.StringIO())
+    b = evaluate(eval_cfg(tiny_run), out=io.StringIO())
+    assert a == b
+    n = len((tiny_run.parent / "corpus.txt").read_text(encoding="utf-8"))
+    assert a["tokens"] == n - int(n * 0.9) - 1  # the whole validation split
+    saved = json.loads((tiny_run / "eval.json").read_text())
+    best = torch.load(tiny_run / "checkpoints" / "best.ckpt", weights_only=True)
+    assert saved["loss"] == a["loss"] and saved["step"] == best["global_step"]
+
+
+def test_eval_other_text_and_unencodable_text(tiny_run, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text(make_text(5000, seed=9), encoding="utf-8")
+    cfg = eval_cfg(
+        tiny_run,
+        output=str(tmp_path / "other_eval.json"),
+        data={"corpus": "text", "path": str(other), "val_fraction": 0.5},
+    )
+    res = evaluate(cfg, out=io.StringIO())
+    n = len(other.read_text())
+    assert res["tokens"] == n - int(n * 0.5) - 1 and (tmp_path / "other_eval.json").is_file()
+    other.write_text("Zebra quagga ~~~ " * 50, encoding="utf-8")
+    with pytest.raises(UserError, match="never saw"):
+        evaluate(cfg, out=io.StringIO())

@@ -1,0 +1,89 @@
+"""nanoforge.report: a sweep's report, from the sweep directory alone.
+
+One row per job (ok, failed with its error, diverged, unfinished), in report.md, report.csv
+and report.png; ``python src/report.py SWEEP_DIR`` rebuilds it and explains a bad directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from nanoforge import report
+from tests.conftest import read_csv
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_job(sweep: Path, num: int, overrides: list[str], metrics=None, status=None) -> Path:
+    """A job directory as Hydra, RunSummary and SweepReport leave it."""
+    d = sweep / str(num)
+    (d / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(overrides), d / ".hydra" / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": {"job": {"num": num}}}), d / ".hydra" / "hydra.yaml")
+    if metrics is not None:
+        (d / "metrics.json").write_text(json.dumps(metrics))
+    if status is not None:
+        (d / report.STATUS_FILE).write_text(json.dumps(status))
+    return d
+
+
+def metrics(loss: float, params: int, steps: int = 20) -> dict:
+    return {
+        "val/loss": loss,
+        "val/bpc": loss / math.log(2),
+        "best/val/loss": loss,
+        "best/val/bpc": loss / math.log(2),
+        "steps": steps,
+        "tokens_seen": steps * 384,
+        "num_params": params,
+        "wall_seconds": 3.5,
+        "train_tokens_per_sec": 1234.5,
+        "history": [{"step": s, "val/loss": loss + 1 / s, "val/bpc": 0.0} for s in (10, 20)],
+    }
+
+
+def test_report_rows_for_ok_failed_diverged_and_unfinished_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    fake_job(sweep, 0, ["model=tiny", "seed=1"], metrics(2.5, 100_000), {"status": "ok"})
+    fake_job(
+        sweep, 1, ["model=small", "seed=1"], None, {"status": "failed", "error": "UserError: x"}
+    )
+    fake_job(sweep, 2, ["model=medium", "seed=1"], metrics(float("nan"), 10_000_000))
+    fake_job(sweep, 3, ["model=gpt2", "seed=1"])  # killed: nothing but Hydra's files
+    fake_job(sweep, 10, ["model=small", "seed=1"], metrics(2.0, 800_000), {"status": "ok"})
+
+    paths = report.write_report(sweep)
+
+    rows = read_csv(paths["csv"])
+    assert [r["job"] for r in rows] == ["0", "1", "2", "3", "10"]  # numeric order
+    assert [r["status"] for r in rows] == ["ok", "failed", "failed", "unfinished", "ok"]
+    assert float(rows[0]["val_loss"]) == 2.5 and int(rows[4]["num_params"]) == 800_000
+    assert rows[1]["note"] == "UserError: x"
+    assert "diverged" in rows[2]["note"] and "killed" in rows[3]["note"]
+    assert rows[0]["overrides"] == "model=tiny seed=1" and rows[0]["dir"] == "0"
+    md = paths["md"].read_text()
+    assert "5 jobs: 2 ok, 2 failed, 1 unfinished." in md
+    assert "Overrides shared by every job: `seed=1`" in md
+    assert "| 0 | `model=tiny` | ok | 100.00k | 20 | 7.68k | 2.5000 | 2.5000 |" in md
+    assert "| 1 | `model=small` | **failed**: UserError: x |" in md
+    assert "Best: job 10, val/loss 2.0000." in md
+    png = paths["png"].read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 10_000
+
+
+def test_report_cli_rebuilds_and_explains_bad_directories(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    fake_job(sweep, 0, ["optim.lr=0.001"], metrics(2.5, 100_000))
+    assert report.main([str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert "| 0 | `optim.lr=0.001` | ok |" in out and (sweep / "report.png").is_file()
+
+    assert report.main([str(tmp_path / "nope")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert report.main([str(tmp_path / "empty")]) == 2
+    assert "holds no jobs" in capsys.readouterr().err
