@@ -8,6 +8,7 @@ AtomicCheckpointIO never leaves a half-written checkpoint, even under kill -9.
 
 from __future__ import annotations
 
+import errno
 import random
 import signal
 import subprocess
@@ -23,6 +24,7 @@ import torch
 from nanoforge.checkpoint import (
     AtomicCheckpointIO,
     check_resumable,
+    config_differences,
     load_model,
     recorded_data,
     resolve_checkpoint,
@@ -163,3 +165,44 @@ def test_kill_9_during_checkpoint_writes_never_leaves_a_broken_file(tmp_path):
     # the next save cleans up temporary files an earlier kill left behind
     AtomicCheckpointIO().save_checkpoint({"i": -1}, target)
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_a_full_disk_is_one_line_naming_the_intact_checkpoint(tmp_path, monkeypatch):
+    writer = AtomicCheckpointIO()
+    target = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    writer.save_checkpoint({"global_step": 10, "w": torch.ones(3)}, target)
+
+    def no_space(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", no_space)
+        with pytest.raises(UserError) as e:
+            writer.save_checkpoint({"global_step": 20, "w": torch.zeros(3)}, target)
+    message = str(e.value)
+    assert "no space left on device while saving last.ckpt at step 20" in message
+    assert "from step 10 is intact" in message and f"resume={tmp_path / 'run'}" in message
+    assert torch.load(target, weights_only=True)["global_step"] == 10
+    assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]  # no temporary left
+
+
+def test_config_differences_name_each_key_and_ignore_dropout():
+    old = {"vocab_size": 65, "n_embd": 32, "n_head": 4, "dropout": 0.0}
+    new = {"vocab_size": 65, "n_embd": 64, "n_head": 4, "dropout": 0.2, "attention": "reference"}
+    assert config_differences(old, new) == ["n_embd 32 in the checkpoint, 64 in the config"]
+    assert config_differences(old, old) == []
+
+
+def test_resume_is_refused_for_another_model_or_other_text(tiny_run):
+    last = tiny_run / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    model, data = ckpt["hyper_parameters"]["model"], ckpt["TextDataModule"]
+    check_resumable(last, model, data, ckpt["hyper_parameters"]["tokenizer"])  # the same run
+    with pytest.raises(UserError, match="n_layer 2 in the checkpoint, 3 in the config"):
+        check_resumable(last, {**model, "n_layer": 3})
+    other = {**data, "text_sha256": "0" * 64, "source": "other.txt"}
+    with pytest.raises(UserError, match="other text \\(other.txt\\).*init_from="):
+        check_resumable(last, model, other)
+    with pytest.raises(UserError, match="other text"):
+        check_resumable(last, model, {**data, "split": 0.2})

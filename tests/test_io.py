@@ -136,3 +136,14 @@ def test_many_writers_of_one_path_at_once_all_succeed(tmp_path):
     assert 0 <= writer < 8 and 0 <= i < 20
     assert data == f"{writer}:{i}:".encode() * 50_000  # one complete version, nothing mixed
     assert temporaries(tmp_path) == []
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_finished_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+    """Not mkstemp's 0600: a team on a shared filesystem reads each other's runs."""
+    old = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "metrics.json", b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == mode

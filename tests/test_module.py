@@ -13,7 +13,7 @@ import lightning as L
 import pytest
 import torch
 
-from nanoforge.errors import NonFiniteLossError
+from nanoforge.errors import NonFiniteLossError, UserError
 from nanoforge.module import GPTModule
 from nanoforge.optim import lr_at
 from nanoforge.tokenizer import CharTokenizer
@@ -139,3 +139,27 @@ def test_nan_batches_can_be_skipped_and_counted(tmp_path):
     assert module.skipped_batches == 3
     assert t.callback_metrics["train/skipped_batches"] == 3
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_nan_before_any_checkpoint_says_none_was_saved(tmp_path):
+    with pytest.raises(NonFiniteLossError, match="no checkpoint had been saved yet"):
+        fit_poisoned(PoisonedModule(poisoned={0}), tmp_path)
+
+
+def test_fused_adamw_with_mixed_precision_and_clipping_is_a_clear_error(tmp_path):
+    module = PoisonedModule(poisoned=set())
+    module.optim_config.fused = True
+    t = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        precision="bf16-mixed",
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    x = torch.randint(NAN_TOK.vocab_size, (2, 8))
+    with pytest.raises(UserError, match="optim.fused=null"):
+        t.fit(module, train_dataloaders=torch.utils.data.DataLoader([(x, x)], batch_size=None))

@@ -194,3 +194,19 @@ def test_fp32_muon_matches_torch_muon():
         results.append(ps)
     for a, b in zip(*results, strict=True):
         assert torch.allclose(a, b, atol=2e-3)  # bfloat16 vs float32 iterations
+
+
+@pytest.mark.parametrize("key", ["lr", "min_lr", "weight_decay", "beta2", "muon_lr"])
+@pytest.mark.parametrize("value", [math.inf, math.nan])
+def test_non_finite_numbers_are_rejected_up_front(key, value):
+    with pytest.raises(UserError, match=f"optim.{key} must be a finite number"):
+        OptimConfig(**{key: value})
+
+
+def test_fused_adamw_only_without_mixed_precision():
+    """Fused AdamW unscales gradients itself: under mixed precision Lightning could not clip."""
+    model = torch.nn.Linear(4, 4)
+    plain = configure_optimizer(model, OptimConfig(), max_steps=10)["optimizer"]
+    mixed = configure_optimizer(model, OptimConfig(), 10, mixed_precision=True)["optimizer"]
+    assert plain.defaults["fused"] is True
+    assert not mixed.defaults["fused"] and mixed.defaults["foreach"] is not False

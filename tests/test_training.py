@@ -7,6 +7,7 @@ seed is honoured, seed=0 included.
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from nanoforge.errors import UserError
-from nanoforge.training import build
+from nanoforge.training import build, train
 
 
 @pytest.mark.parametrize(
@@ -74,3 +75,61 @@ def test_seed_is_honoured_including_zero(cfg_factory, text_file):
 
     assert torch.equal(weights(0), weights(0))
     assert not torch.equal(weights(0), weights(1))
+
+
+def quick(cfg_factory, text_file, *overrides: str):
+    return cfg_factory(
+        "data=text",
+        f"data.path={text_file}",
+        "data.val_batches=1",
+        "callbacks.text_samples.max_new_tokens=0",
+        *overrides,
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["trainer.precision=bf16-mixed"],
+        ["trainer.precision=16-mixed"],
+        # the GPU config, on the CPU: the same code path (bf16-mixed, clipping, AdamW)
+        ["trainer=gpu", "trainer.accelerator=cpu"],
+    ],
+)
+def test_every_documented_precision_trains_with_gradient_clipping(
+    cfg_factory, text_file, one_thread, overrides
+):
+    cfg = quick(cfg_factory, text_file, "trainer.max_steps=3", *overrides)
+    assert cfg.trainer.gradient_clip_val > 0 and cfg.trainer.precision != 32
+    metrics = train(cfg)
+    assert metrics["steps"] == 3 and math.isfinite(metrics["val/loss"])
+
+
+def test_every_run_validates_at_its_last_step(cfg_factory, text_file, one_thread):
+    cfg = quick(cfg_factory, text_file, "trainer.max_steps=7", "trainer.val_check_interval=5")
+    metrics = train(cfg)
+    assert [h["step"] for h in metrics["history"]] == [5, 7]  # once per interval, once at the end
+    assert metrics["val/loss"] == metrics["history"][-1]["val/loss"]
+
+
+def test_init_from_starts_a_new_run_from_the_weights_and_keeps_the_tokenizer(
+    cfg_factory, tiny_run, one_thread
+):
+    """Fine-tuning: the checkpoint's weights and tokenizer, a fresh optimizer at step 0."""
+    from nanoforge.checkpoint import load_model
+
+    corpus = tiny_run.parent / "corpus.txt"
+    cfg = cfg_factory("data=text", f"data.path={corpus}", f"init_from={tiny_run}")
+    datamodule, module, _ = build(cfg)
+    trained, tok, _ = load_model(tiny_run)
+    assert datamodule.tokenizer == tok
+    for name, value in trained.state_dict().items():
+        assert torch.equal(module.model.state_dict()[name], value), name
+    with pytest.raises(UserError, match="n_embd 64 in the checkpoint, 32 in the config"):
+        build(
+            cfg_factory(
+                "data=text", f"data.path={corpus}", f"init_from={tiny_run}", "model.n_embd=32"
+            )
+        )
+    with pytest.raises(UserError, match="give one of them"):
+        build(cfg_factory(f"init_from={tiny_run}", f"ckpt_path={tiny_run}/checkpoints/last.ckpt"))

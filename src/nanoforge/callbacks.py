@@ -7,6 +7,7 @@ Checkpointing, the learning-rate monitor and the progress bar are Lightning's ow
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import signal
@@ -23,8 +24,8 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from nanoforge.corpora import atomic_write_bytes
 from nanoforge.errors import UserError
+from nanoforge.io import atomic_write_bytes
 
 
 class TextSamples(L.Callback):
@@ -197,15 +198,51 @@ class RunSummary(L.Callback):
         data = json.dumps(self.summary(trainer, pl_module), indent=2) + "\n"
         atomic_write_bytes(self.output_dir / "metrics.json", data.encode())
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, StopRequested):  # a graceful stop ends like a finished run
+            self.on_fit_end(trainer, pl_module)
+
+
+class ValidateAtEnd(L.Callback):
+    """Every run validates at its last step: a run whose ``trainer.max_steps`` is not a
+    multiple of ``trainer.val_check_interval`` (or is below it) would otherwise end without a
+    final val/loss, and fail in a sweep. At the last step it asks Lightning to stop, which
+    makes Lightning validate once more before it does (``Trainer.should_stop``)."""
+
+    def __init__(self):
+        self.validated_at: int | None = None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.validated_at = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        last = 0 < trainer.max_steps <= trainer.global_step
+        if last and self.validated_at != trainer.global_step and not trainer.fast_dev_run:
+            trainer.should_stop = True
+
+
+class StopRequested(Exception):
+    """Raised by :class:`GracefulStop` to leave ``trainer.fit`` at once, with the training
+    state saved; ``training.train`` turns it into the resume hint and exit code 143/130."""
+
 
 class GracefulStop(L.Callback):
-    """SIGTERM (what SLURM and `kill` send) or Ctrl-C: finish the current step, save
-    ``checkpoints/last.ckpt``, stop, flush the loggers and write metrics.json as usual.
+    """SIGTERM (what SLURM and `kill` send) or Ctrl-C: save ``checkpoints/last.ckpt`` and stop
+    within one training step or one validation batch, with no validation on the way out.
 
     Lightning's own SIGTERM handling would, with our endless training stream, either wait for
-    an epoch end that never comes or exit with code 0 from inside validation; so this callback
-    installs its own handlers for the length of training and acts after the current optimizer
-    step, on every rank at the same step. A second Ctrl-C interrupts at once.
+    an epoch end that never comes or exit with code 0 from inside validation, and asking it to
+    stop (``Trainer.should_stop``) runs one more validation first. So this callback installs
+    its own handlers for the length of training and, on every rank at the same point:
+
+    - during a training step: saves after the step, then leaves ``fit`` (:class:`StopRequested`);
+    - during a validation: saves at the next validation batch the state training had before
+      the validation began (weights and optimizer do not change during validation; only the
+      loop counters do, and those are taken from before it), then leaves ``fit``.
+
+    The loggers are flushed and ``metrics.json`` written on the way out. A second Ctrl-C
+    interrupts at once.
     """
 
     EXIT_CODES: ClassVar[dict[str, int]] = {"SIGTERM": 143, "SIGINT": 130}
@@ -215,6 +252,8 @@ class GracefulStop(L.Callback):
         self.signal: str | None = None
         self.saved: Path | None = None
         self._previous: dict = {}
+        self._loops_before_validation: dict | None = None
+        self._saving_mid_validation = False
 
     def _handler(self, trainer):
         def handle(signum, frame):
@@ -223,7 +262,7 @@ class GracefulStop(L.Callback):
                 raise KeyboardInterrupt  # second Ctrl-C: abort now
             if self.signal is None:
                 self.signal = name
-                print(f"\n{name}: saving and stopping after this step", file=sys.stderr, flush=True)
+                print(f"\n{name}: saving and stopping", file=sys.stderr, flush=True)
                 launcher = trainer.strategy.launcher  # forward to DDP child processes
                 if launcher is not None and hasattr(launcher, "kill") and name == "SIGTERM":
                     launcher.kill(signum)
@@ -237,25 +276,54 @@ class GracefulStop(L.Callback):
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handler(trainer))
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def _requested(self, trainer) -> bool:
         stop = self.signal is not None
-        if trainer.world_size > 1:  # stop on every rank at the same step, or DDP deadlocks
+        if trainer.world_size > 1:  # stop on every rank at the same point, or DDP deadlocks
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if not stop or trainer.should_stop:
-            return
-        self.signal = self.signal or "SIGTERM"
+        if stop:
+            self.signal = self.signal or "SIGTERM"
+        return stop
+
+    def _save_and_stop(self, trainer) -> None:
         ckpt_cb = trainer.checkpoint_callback
         folder = self.output_dir / "checkpoints"
         if ckpt_cb is not None and ckpt_cb.dirpath:
             folder = Path(ckpt_cb.dirpath)
         self.saved = folder / "last.ckpt"
         trainer.save_checkpoint(self.saved, weights_only=False)  # the full training state
-        trainer.should_stop = True
+        raise StopRequested(self.signal)
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._requested(trainer):
+            self._save_and_stop(trainer)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._loops_before_validation = copy.deepcopy(trainer.fit_loop.state_dict())
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        fitting = trainer.state.fn == "fit" and not trainer.sanity_checking
+        if fitting and self._loops_before_validation is not None and self._requested(trainer):
+            self._saving_mid_validation = True
+            self._save_and_stop(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._loops_before_validation = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self._saving_mid_validation:  # resume where training was, not inside validation
+            checkpoint["loops"]["fit_loop"] = self._loops_before_validation
+
+    def _restore_handlers(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore_handlers()
 
     @property
     def exit_code(self) -> int:

@@ -7,7 +7,9 @@ file, another program's checkpoint, random bytes) ends in a :class:`UserError` t
 
 from __future__ import annotations
 
+import errno
 import pickle
+import shutil
 from pathlib import Path
 
 import torch
@@ -108,20 +110,75 @@ def recorded_data(ckpt: dict) -> dict | None:
     return dict(legacy) if isinstance(legacy, dict) and legacy else None
 
 
+# Model options no weight depends on: they may change when a run is resumed or fine-tuned.
+FREE_MODEL_KEYS = frozenset({"dropout", "attention"})
+
+
+def config_differences(recorded: dict, current: dict) -> list[str]:
+    """``["n_embd 32 in the checkpoint, 64 in the config", ...]`` for the model options that
+    differ (both completed with GPTConfig's defaults, so older checkpoints compare too)."""
+    old, new = GPTConfig.from_dict(dict(recorded)).to_dict(), GPTConfig.from_dict(current).to_dict()
+    return [
+        f"{key} {old[key]} in the checkpoint, {new[key]} in the config"
+        for key in old
+        if key not in FREE_MODEL_KEYS and old[key] != new[key]
+    ]
+
+
+def _disk_full(exc: BaseException, folder: Path) -> bool:
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    # torch's zip writer reports a failed write as "unexpected pos": look at the disk itself
+    return "unexpected pos" in str(exc) and shutil.disk_usage(folder).free < 64 * 2**20
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, made crash-safe: each checkpoint is written to a temporary
     file in the same folder, flushed to disk, then renamed over the target. A ``kill -9`` at any
     moment leaves either the previous complete file or the new complete file, never half of
-    one. (Lightning's own writer opens the target itself and truncates it first.)"""
+    one. (Lightning's own writer opens the target itself and truncates it first.) A full disk
+    is a one-line error that says the previous checkpoint is intact and how to go on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.saved_steps: dict[Path, int] = {}  # path -> global step of its last good save
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
-        atomic_write(Path(path), lambda f: torch.save(checkpoint, f))
+        path = Path(path)
+        step = checkpoint.get("global_step")
+        try:
+            atomic_write(path, lambda f: torch.save(checkpoint, f))
+        except (OSError, RuntimeError) as e:
+            if not _disk_full(e, path.parent):
+                raise
+            before = self.saved_steps.get(path)
+            intact = (
+                f"{path} from step {before} is intact"
+                if before is not None
+                else f"any earlier {path.name} is intact"
+            )
+            run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+            raise UserError(
+                f"no space left on device while saving {path.name} at step {step}; {intact}. "
+                f"Free some space, then resume: python src/train.py resume={run_dir}"
+            ) from None
+        self.saved_steps[path] = step
 
 
-def check_resumable(path: str | Path) -> None:
-    """Fail early, and clearly, if ``path`` cannot resume a nanoforge training run."""
+def check_resumable(
+    path: str | Path,
+    model_config: dict | None = None,
+    data_state: dict | None = None,
+    tokenizer_state: dict | None = None,
+) -> None:
+    """Fail early, and clearly, if ``path`` cannot resume this training run: not a nanoforge
+    training checkpoint, another model (``model_config``), or other text (``data_state``, the
+    DataModule's ``state_dict()``, and ``tokenizer_state``)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"ckpt_path {str(p)!r} is not a file: pass a .ckpt saved by a training run")
@@ -132,4 +189,30 @@ def check_resumable(path: str | Path) -> None:
             f"{str(p)!r} is not a nanoforge training checkpoint (it lacks "
             f"{sorted(needed - ckpt.keys()) or ['the tokenizer']}); resume from a .ckpt that a "
             "nanoforge run saved (checkpoints/last.ckpt)"
+        )
+    hp = ckpt["hyper_parameters"]
+    if model_config is not None:
+        differences = config_differences(hp["model"], model_config)
+        if differences:
+            raise UserError(
+                f"{str(p)!r} holds another model: {'; '.join(differences)}. Resume with the run's "
+                "own settings (resume=RUN_DIR replays them) or start a new run."
+            )
+    recorded = ckpt.get("TextDataModule") or {}
+    same_text = (
+        not data_state
+        or not recorded
+        or (
+            (recorded.get("text_sha256"), recorded.get("split"))
+            == (data_state.get("text_sha256"), data_state.get("split"))
+        )
+    )
+    same_tokenizer = tokenizer_state is None or hp["tokenizer"] == tokenizer_state
+    if not (same_text and same_tokenizer):
+        was = recorded.get("source", "its corpus")
+        now = (data_state or {}).get("source", "this run's corpus")
+        raise UserError(
+            f"{str(p)!r} was trained on {was}, but this run reads other text ({now}): a resumed "
+            "run continues on the text and split it started with. To train these weights on other "
+            f"text, start a new run from them: python src/train.py init_from={p} data.path=FILE"
         )

@@ -93,11 +93,16 @@ class RandomWindows(IterableDataset):
         return self.num_batches
 
 
+def text_sha256(text: str) -> str:
+    """The identity of a corpus: the sha256 of its UTF-8 bytes."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def encode_cached(
-    text: str, cache_dir: str | os.PathLike | None
+    text: str, cache_dir: str | os.PathLike | None, sha256: str | None = None
 ) -> tuple[CharTokenizer, np.ndarray]:
     """Tokenizer + ids for ``text``, read from / written to ``cache_dir/<sha256>.npz``."""
-    key = hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+    key = (sha256 or text_sha256(text))[:24]
     path = Path(cache_dir) / f"chars-{key}.npz" if cache_dir else None
     if path is not None and path.is_file():
         try:
@@ -167,14 +172,16 @@ class TextDataModule(L.LightningDataModule):
         self.tokenizer: CharTokenizer | None = tokenizer
         self.train_ids: torch.Tensor | None = None
         self.val_ids: torch.Tensor | None = None
+        self.text_sha256: str | None = None
 
     def setup(self, stage: str | None = None) -> None:
         """Load, tokenize and split once (idempotent: Lightning may call it again)."""
         if self.train_ids is not None:
             return
         text = load_corpus(self.corpus, self.path, self.cache_dir)
+        self.text_sha256 = text_sha256(text)
         if self.tokenizer is None:
-            tok, ids = encode_cached(text, self.cache_dir)
+            tok, ids = encode_cached(text, self.cache_dir, self.text_sha256)
         else:
             tok, ids = self.tokenizer, self.tokenizer.encode(text)
         n_train = int(len(ids) * (1 - self.val_fraction))
@@ -188,6 +195,17 @@ class TextDataModule(L.LightningDataModule):
         self.tokenizer = tok
         self.train_ids = torch.from_numpy(ids[:n_train].copy())
         self.val_ids = torch.from_numpy(ids[n_train:].copy())
+
+    # --- what the data was: saved in every checkpoint (Lightning calls state_dict), so that a
+    # resume can refuse to continue on other text (training.check_same_data)
+    def state_dict(self) -> dict:
+        if self.text_sha256 is None:
+            return {}
+        source = self.hparams["path"] or f"corpus {self.corpus}"
+        return {"source": source, "text_sha256": self.text_sha256, "split": self.val_fraction}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Nothing to restore: the stream position comes from the global step."""
 
     def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0

@@ -51,6 +51,15 @@ def parallel_jobs() -> int:
     return gpu_count() or cpu_cores()
 
 
+def launcher_rank() -> int:
+    """This process's global rank as its launcher set it (torchrun, SLURM, Lightning's DDP
+    launcher for ranks > 0); 0 for a process nobody launched as a rank."""
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
 def register_resolvers() -> None:
     # `${pid:}` makes run directories unique even for runs started in the same second
     if not OmegaConf.has_resolver("pid"):
@@ -108,7 +117,7 @@ def fail(message: str, output_dir: str | None = None, fresh: bool = False) -> No
 def _is_fresh(output_dir: Path, job_name: str) -> bool:
     """True when the run directory holds only what Hydra wrote at start-up."""
     try:
-        return set(os.listdir(output_dir)) <= {".hydra", f"{job_name}.log"}
+        return set(os.listdir(output_dir)) <= {".hydra", f"{job_name}.log", "run.lock"}
     except OSError:
         return False
 
@@ -172,7 +181,7 @@ def expand_resume(argv: list[str]) -> list[str]:
 
     new = [a for a in argv[1:] if not a.startswith("resume=")]
     new_keys = {key(a) for a in new if "=" in a}
-    dropped = {"ckpt_path", "hydra.run.dir"}
+    dropped = {"ckpt_path", "hydra.run.dir", "overwrite", "init_from"}
     recorded = [str(o) for o in OmegaConf.load(overrides_file)]
     replay = [o for o in recorded if key(o) not in new_keys | dropped]
     return [argv[0], *replay, *new, f"hydra.run.dir={run_dir}", f"ckpt_path={last}"]

@@ -24,6 +24,19 @@ STALE_TMP_SECONDS = 600.0
 _HOST = socket.gethostname().replace(".", "-") or "localhost"
 
 
+def file_mode() -> int:
+    """The mode open() would give a new file under the current umask (0644 with the usual
+    022): finished files are readable by whoever the umask allows, e.g. a team on a shared
+    filesystem, not 0600 like the temporary file mkstemp creates."""
+    try:  # Linux: read the umask without changing it (os.umask would, for every thread)
+        with open("/proc/self/status", encoding="ascii") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -61,6 +74,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), file_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -1,4 +1,4 @@
-"""Steps 3, 4 and 6: the GPT itself, in plain PyTorch.
+"""Steps 3 to 6 of building a GPT (the README's table): the GPT itself, in plain PyTorch.
 
     token ids ─► token embedding + position embedding ─► dropout
               ─► n_layer × Block( x + Attention(LN(x)) ; x + MLP(LN(x)) )      (pre-LayerNorm)

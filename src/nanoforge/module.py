@@ -10,11 +10,13 @@ schedule, which ``nanoforge.optim`` builds from ``cfg.optim``.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 
-from nanoforge.errors import NonFiniteLossError
+from nanoforge.errors import NonFiniteLossError, UserError
 from nanoforge.model import GPT, GPTConfig
 from nanoforge.optim import OptimConfig, configure_optimizer
 from nanoforge.tokenizer import CharTokenizer
@@ -71,7 +73,7 @@ class GPTModule(L.LightningModule):
             if not self.skip_nonfinite:
                 raise NonFiniteLossError(
                     f"the training loss became {loss.item()} at step {self.global_step}; "
-                    "training stopped and the last good checkpoint is kept. Lower optim.lr, "
+                    f"training stopped ({self._checkpoint_kept()}). Lower optim.lr, "
                     "keep trainer.gradient_clip_val on, or set skip_nonfinite_loss=true to "
                     "skip such batches."
                 )
@@ -82,6 +84,13 @@ class GPTModule(L.LightningModule):
         # the LR applied by this step's update (one tag, whatever the number of param groups)
         self.log("lr", self.optimizers().param_groups[0]["lr"])
         return loss
+
+    def _checkpoint_kept(self) -> str:
+        ckpt = self.trainer.checkpoint_callback
+        saved = ckpt is not None and (ckpt.last_model_path or ckpt.best_model_path)
+        if saved and Path(saved).is_file():
+            return f"the last good checkpoint, {saved}, is kept"
+        return "no checkpoint had been saved yet"
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
@@ -124,6 +133,13 @@ class GPTModule(L.LightningModule):
             self._rng_to_restore = None
 
     def configure_optimizers(self):
+        mixed = isinstance(self.trainer.precision_plugin, MixedPrecision)
+        if mixed and self.optim_config.fused and self.trainer.gradient_clip_val:
+            raise UserError(
+                f"optim.fused=true cannot be combined with trainer.precision="
+                f"{self.trainer.precision} and gradient clipping (fused AdamW unscales the "
+                "gradients itself). Set optim.fused=null, or trainer.gradient_clip_val=0."
+            )
         return configure_optimizer(
-            self.model, self.optim_config, self.trainer.max_steps, self.device.type
+            self.model, self.optim_config, self.trainer.max_steps, self.device.type, mixed
         )

@@ -55,6 +55,11 @@ class OptimConfig:
     muon_fp32: bool | None = None
 
     def __post_init__(self):
+        numbers = ("lr", "min_lr", "weight_decay", "beta1", "beta2", "eps", "muon_lr")
+        for key in (*numbers, "muon_momentum", "muon_weight_decay", "cooldown_frac"):
+            value = getattr(self, key)
+            if not isinstance(value, int | float) or not math.isfinite(value):
+                raise UserError(f"optim.{key} must be a finite number, got {value!r}")
         if not self.lr > 0:
             raise UserError(f"optim.lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
@@ -207,7 +212,11 @@ class MuonAdamW(torch.optim.Optimizer):
 
 
 def configure_optimizer(
-    model: torch.nn.Module, config: OptimConfig, max_steps: int, device_type: str = "cpu"
+    model: torch.nn.Module,
+    config: OptimConfig,
+    max_steps: int,
+    device_type: str = "cpu",
+    mixed_precision: bool = False,
 ) -> dict:
     """The optimizer for ``model`` and its per-step LR scheduler, as Lightning's
     ``configure_optimizers`` returns them.
@@ -215,11 +224,14 @@ def configure_optimizer(
     AdamW over the decay / no-decay groups; with ``optimizer="muon"`` the hidden matrices
     (:func:`muon_params`) go to Muon instead, and both are stepped as one
     :class:`MuonAdamW`. The schedule's length is ``decay_steps``, else ``max_steps``.
+
+    Fused AdamW unscales gradients inside its own step, so under mixed precision Lightning
+    cannot clip them first: ``fused=None`` then takes the foreach kernel instead.
     """
     o = config
     fused = o.fused
     if fused is None:  # fused AdamW exists on CPU and CUDA in recent PyTorch
-        fused = True
+        fused = not mixed_precision
     muon = muon_params(model) if o.optimizer == "muon" else []
     muon_ids = {id(p) for p in muon}
     groups = [

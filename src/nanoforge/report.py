@@ -259,20 +259,14 @@ def plot(rows: list[JobRow]) -> bytes:
     return buf.getvalue()
 
 
-def _publish(path: Path, data: bytes) -> None:
-    """Atomic write (parallel jobs may rebuild the report at once), readable by everyone."""
-    atomic_write_bytes(path, data)
-    path.chmod(0o644)
-
-
 def write_report(sweep_dir: str | os.PathLike) -> dict[str, Path]:
     """Collect the sweep and (re)write report.md, report.csv and report.png in it."""
     sweep_dir = Path(sweep_dir)
     rows = collect(sweep_dir)
     out = {name: sweep_dir / f"report.{name}" for name in ("md", "csv", "png")}
-    _publish(out["md"], markdown(rows, sweep_dir).encode("utf-8"))
-    _publish(out["csv"], to_csv(rows, sweep_dir).encode("utf-8"))
-    _publish(out["png"], plot(rows))
+    atomic_write_bytes(out["md"], markdown(rows, sweep_dir).encode("utf-8"))
+    atomic_write_bytes(out["csv"], to_csv(rows, sweep_dir).encode("utf-8"))
+    atomic_write_bytes(out["png"], plot(rows))
     return out
 
 

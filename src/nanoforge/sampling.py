@@ -1,4 +1,4 @@
-"""Step 6: choose the next token from the model's logits.
+"""Step 6 of building a GPT (the README's table): choose the next token from the logits.
 
 ``temperature`` flattens (>1) or sharpens (<1) the distribution; 0 means greedy. ``top_k``
 keeps exactly the k most likely tokens (ties broken by index, never more than k); ``top_p``

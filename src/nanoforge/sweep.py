@@ -38,7 +38,7 @@ from omegaconf import DictConfig, read_write
 
 from nanoforge import hydra_setup
 from nanoforge.errors import UserError
-from nanoforge.hydra_setup import cpu_cores, gpu_count
+from nanoforge.hydra_setup import cpu_cores, gpu_count, launcher_rank
 from nanoforge.io import atomic_write_bytes
 from nanoforge.report import STATUS_FILE, write_report
 
@@ -208,13 +208,6 @@ class JobEnvironment(Callback):
             os.environ["PYTHONPATH"] = os.pathsep.join([src, *paths])
 
 
-def _global_rank() -> int:
-    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    return 0
-
-
 class SweepReport(Callback):
     """Hydra callback: keeps ``report.*`` of a multirun up to date.
 
@@ -229,7 +222,7 @@ class SweepReport(Callback):
         from hydra.types import RunMode
 
         hydra_cfg = config.get("hydra") if config is not None else None
-        if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN or _global_rank() != 0:
+        if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN or launcher_rank() != 0:
             return
         job_dir = Path(hydra_cfg.runtime.output_dir)
         failed = job_return.status != JobStatus.COMPLETED

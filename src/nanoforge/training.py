@@ -19,8 +19,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from omegaconf import DictConfig, OmegaConf
 
-from nanoforge.callbacks import GracefulStop, RunSummary
-from nanoforge.checkpoint import check_resumable
+from nanoforge import rundir
+from nanoforge.callbacks import GracefulStop, RunSummary, StopRequested
+from nanoforge.checkpoint import check_resumable, config_differences, load_model
 from nanoforge.errors import UserError, find_user_error
 from nanoforge.module import GPTModule
 
@@ -63,6 +64,15 @@ def build(cfg: DictConfig):
     if cfg.get("seed") is not None:  # `is not None`: seed=0 is a seed too
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_object(cfg.data)
+    init_from = cfg.get("init_from")
+    if init_from and cfg.get("ckpt_path"):
+        raise UserError(
+            "init_from= starts a new run from a checkpoint's weights and ckpt_path= (resume=) "
+            "continues a run: give one of them"
+        )
+    start = load_model(init_from) if init_from else None
+    if start is not None:  # fine-tuning keeps the checkpoint's tokenizer
+        datamodule.tokenizer = start[1]
     datamodule.setup("fit")  # builds the tokenizer: the model's vocab_size comes from it
     tok = datamodule.tokenizer
     model_cfg = {**OmegaConf.to_container(cfg.model, resolve=True), "vocab_size": tok.vocab_size}
@@ -73,6 +83,15 @@ def build(cfg: DictConfig):
         compile=bool(cfg.get("compile", False)),
         skip_nonfinite=bool(cfg.get("skip_nonfinite_loss", False)),
     )
+    if start is not None:
+        weights = start[0]
+        differences = config_differences(weights.config.to_dict(), module.config.to_dict())
+        if differences:
+            raise UserError(
+                f"init_from={init_from} holds another model: {'; '.join(differences)}. "
+                "Use the model settings it was trained with."
+            )
+        module.model.load_state_dict(weights.state_dict())
     callbacks = _instantiate_group(cfg.get("callbacks"))
     if not cfg.trainer.get("enable_progress_bar", True):  # one switch turns the bar off
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBarBase)]
@@ -83,6 +102,8 @@ def build(cfg: DictConfig):
 
 def train(cfg: DictConfig) -> dict:
     """Fit the model; return the run summary (what ``metrics.json`` holds)."""
+    # the run directory is this run's alone: locked, never another run's (nanoforge.rundir)
+    rundir.claim(cfg.paths.output_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
     datamodule, module, trainer = build(cfg)
     n = module.model.num_params()
     log.info(
@@ -90,12 +111,14 @@ def train(cfg: DictConfig) -> dict:
         f"{len(datamodule.train_ids):,} train / {len(datamodule.val_ids):,} val tokens"
     )
     ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path:  # a clear error now for a missing, truncated or foreign checkpoint
-        check_resumable(ckpt_path)
+    if ckpt_path:  # a clear error now for a foreign checkpoint, another model or other text
+        tokenizer = module.tokenizer.state_dict()
+        check_resumable(ckpt_path, module.config.to_dict(), datamodule.state_dict(), tokenizer)
     # weights_only=True: resuming never unpickles code
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    stop = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
-    if stop is not None and stop.signal:  # SIGTERM / Ctrl-C: saved, flushed; say how to resume
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except StopRequested:  # SIGTERM / Ctrl-C: saved, flushed; say how to resume
+        stop = next(c for c in trainer.callbacks if isinstance(c, GracefulStop))
         if trainer.is_global_zero:
             print(stop.resume_hint(trainer.global_step), file=sys.stderr, flush=True)
         sys.exit(stop.exit_code)

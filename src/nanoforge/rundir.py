@@ -1,0 +1,154 @@
+"""A run directory belongs to one run.
+
+- **No overwrites.** A directory that holds another run's checkpoints is refused, before
+  anything in it is touched, unless this run resumes it (``resume=RUN_DIR``) or the user opted
+  in with ``overwrite=true`` (then its old outputs are removed first).
+- **One process at a time.** A training process holds an OS lock on ``RUN_DIR/run.lock``
+  (``flock``: it dies with the process, so ``kill -9`` never leaves a stale lock); a second
+  process gets a one-line error with the holder's pid.
+- **A failed resume leaves the record as it was.** Hydra rewrites ``.hydra/*.yaml`` when a run
+  starts; if the process ends without saving a new checkpoint, the files are put back, so the
+  next ``resume=RUN_DIR`` does not replay an override that failed.
+
+:class:`RunDirGuard` (a Hydra callback, ``configs/hydra/default.yaml``) does this for single
+runs before Hydra writes into the directory; ``claim`` is also called by every training job
+(sweep jobs included), where it only takes the lock if the callback has not.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from nanoforge.errors import UserError
+from nanoforge.hydra_setup import launcher_rank
+
+LOCK_FILE = "run.lock"
+RECORD_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
+# what a run writes into its directory: removed by overwrite=true
+RUN_OUTPUTS = (
+    "checkpoints",
+    "tensorboard",
+    "csv",
+    "samples.txt",
+    "metrics.json",
+    "eval.json",
+    "job_status.json",
+)
+
+_held: dict[Path, int] = {}  # run dir -> file descriptor of its lock, for this process's life
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob("*.ckpt"))
+
+
+def _resumes(run_dir: Path, ckpt_path: str | None) -> bool:
+    """True when ``ckpt_path`` is one of ``run_dir``'s own checkpoints."""
+    if not ckpt_path:
+        return False
+    ckpt = Path(ckpt_path).expanduser().resolve()
+    return ckpt.parent == (run_dir / "checkpoints").resolve()
+
+
+def lock(run_dir: Path) -> None:
+    """Hold ``run_dir/run.lock`` until this process ends; UserError if another holds it."""
+    import fcntl
+
+    run_dir = run_dir.resolve()
+    if run_dir in _held:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise UserError(
+            f"{run_dir} is in use: another training process (pid {holder}) is running in it. "
+            "Wait for it to end (or stop it), or train in another directory."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[run_dir] = fd
+
+
+def claim(run_dir: str | os.PathLike, ckpt_path: str | None, overwrite: bool = False) -> None:
+    """Make ``run_dir`` this run's: refuse another run's directory, lock it (rank 0 only)."""
+    if launcher_rank() != 0:  # DDP ranks > 0 share rank 0's directory (and its lock)
+        return
+    run_dir = Path(run_dir)
+    if run_dir.resolve() in _held:
+        return
+    if _checkpoints(run_dir) and not _resumes(run_dir, ckpt_path):
+        if not overwrite:
+            raise UserError(
+                f"{run_dir} holds another run's checkpoints; nothing was changed. Continue that "
+                f"run with `python src/train.py resume={run_dir}`, train in a new directory "
+                "(leave hydra.run.dir unset), or replace it with overwrite=true."
+            )
+        lock(run_dir)
+        for name in RUN_OUTPUTS:
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+    lock(run_dir)
+
+
+class _RecordKeeper:
+    """The ``.hydra/`` record of a run directory as it was before this process started; put
+    back at exit unless the run saved a new checkpoint meanwhile."""
+
+    def __init__(self, run_dir: Path):
+        self.folder = run_dir / ".hydra"
+        self.files = {
+            name: (self.folder / name).read_bytes()
+            for name in RECORD_FILES
+            if (self.folder / name).is_file()
+        }
+        self.last = run_dir / "checkpoints" / "last.ckpt"
+        self.last_mtime = self._mtime()
+
+    def _mtime(self) -> int | None:
+        try:
+            return self.last.stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    def restore_if_unsaved(self) -> None:
+        if not self.files or self._mtime() != self.last_mtime:
+            return
+        from nanoforge.io import atomic_write_bytes
+
+        for name, data in self.files.items():
+            if (self.folder / name).read_bytes() != data:
+                atomic_write_bytes(self.folder / name, data)
+
+
+class RunDirGuard(Callback):
+    """Hydra callback: claim a single run's directory before Hydra writes into it."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if launcher_rank() != 0:
+            return
+        HydraConfig.instance().set_config(config)  # `${hydra:runtime.cwd}` in the run dir
+        run_dir = Path(str(config.hydra.run.dir))
+        if run_dir.is_dir() and (run_dir / ".hydra").is_dir():
+            atexit.register(_RecordKeeper(run_dir).restore_if_unsaved)
+        try:
+            claim(run_dir, config.get("ckpt_path"), bool(config.get("overwrite", False)))
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)

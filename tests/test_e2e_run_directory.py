@@ -1,0 +1,194 @@
+"""End to end: a run directory belongs to one run, and a stop is fast and resumable.
+
+The real ``src/train.py`` in subprocesses: another run's directory is refused untouched, two
+processes never train in one directory, a resume never swaps the text or the model, SIGTERM
+during a long validation saves and exits at once, and every run ends with a validation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import SRC, make_text, run_entry
+
+pytestmark = pytest.mark.slow
+
+FAST = [
+    "model=tiny",
+    "data=text",
+    "data.path=a.txt",
+    "data.val_batches=2",
+    "trainer.val_check_interval=10",
+    "callbacks.text_samples.max_new_tokens=5",
+    "logger=tensorboard",
+    "trainer.enable_progress_bar=false",
+    "print_config=false",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A folder with the two texts and R: a finished 20-step run on a.txt (trained once)."""
+    folder = tmp_path_factory.mktemp("trained")
+    (folder / "a.txt").write_text(make_text(20_000, seed=1), encoding="utf-8")
+    # another text over exactly the same characters: only its content differs
+    (folder / "b.txt").write_text(make_text(20_000, seed=2), encoding="utf-8")
+    r = run_entry("train.py", *FAST, "trainer.max_steps=20", "hydra.run.dir=R", cwd=folder)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return folder
+
+
+@pytest.fixture
+def cwd(trained, tmp_path) -> Path:
+    """A fresh copy of ``trained`` for one test."""
+    shutil.copytree(trained, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "R" / "run.lock").unlink(missing_ok=True)
+    return tmp_path
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (but the lock) -> sha256 of its bytes."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "run.lock"
+    }
+
+
+def train(cwd: Path, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    return run_entry("train.py", *FAST, *args, cwd=cwd, timeout=timeout)
+
+
+def popen(cwd: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(SRC / "train.py"), *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def one_error_line(r: subprocess.CompletedProcess) -> str:
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and lines and lines[-1].startswith("error: "), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    return lines[-1]
+
+
+def test_another_runs_directory_is_refused_untouched_unless_overwrite(cwd):
+    before = digest(cwd / "R")
+    r = train(cwd, "trainer.max_steps=10", "seed=7", "hydra.run.dir=R")
+    line = one_error_line(r)
+    assert "another run's checkpoints" in line and "resume=R" in line and "overwrite=true" in line
+    assert digest(cwd / "R") == before  # checkpoints, metrics, .hydra, train.log, events
+
+    r = train(cwd, "trainer.max_steps=10", "seed=7", "hydra.run.dir=R", "overwrite=true")
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = json.loads((cwd / "R" / "metrics.json").read_text())
+    assert metrics["steps"] == 10 and [h["step"] for h in metrics["history"]] == [10]
+    assert len(list((cwd / "R" / "tensorboard").glob("events.*"))) == 1  # no mixed runs
+
+
+def test_two_processes_never_train_in_one_directory_and_kill_9_leaves_no_lock(cwd):
+    first = popen(cwd, "resume=R", "trainer.max_steps=100000")
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and "Restored all states" not in (
+            (cwd / "R" / "train.log").read_text()
+        ):
+            time.sleep(0.2)
+        second = run_entry("train.py", "resume=R", "trainer.max_steps=100000", cwd=cwd)
+        line = one_error_line(second)
+        assert "in use" in line and f"pid {first.pid}" in line
+    finally:
+        first.kill()  # kill -9: the OS drops the lock with the process
+        first.wait()
+    r = run_entry("train.py", "resume=R", "trainer.max_steps=30", cwd=cwd, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_a_resume_on_other_text_is_refused_and_keeps_the_runs_record(cwd):
+    """(The checks themselves, other model included: tests/test_checkpoint.py; fine-tuning
+    with init_from=: tests/test_training.py.)"""
+    record = digest(cwd / "R" / ".hydra")
+    checkpoints = digest(cwd / "R" / "checkpoints")
+    r = run_entry("train.py", "resume=R", "data.path=b.txt", "trainer.max_steps=30", cwd=cwd)
+    line = one_error_line(r)
+    assert "a.txt" in line and "b.txt" in line and "init_from=" in line
+    # nothing was saved, so the run's record is as it was: a plain resume=R works
+    assert digest(cwd / "R" / ".hydra") == record
+    assert digest(cwd / "R" / "checkpoints") == checkpoints
+    r = run_entry("train.py", "resume=R", "trainer.max_steps=30", cwd=cwd)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((cwd / "R" / "metrics.json").read_text())["steps"] == 30
+
+
+def test_ckpt_path_of_another_model_size_is_one_line_and_leaves_no_directory(cwd):
+    r = train(cwd, "trainer.max_steps=20", "model.n_embd=32", "ckpt_path=R/checkpoints/last.ckpt")
+    assert "n_embd 64 in the checkpoint, 32 in the config" in one_error_line(r)
+    runs = cwd / "logs" / "train" / "runs"
+    assert not runs.exists() or list(runs.iterdir()) == []  # the new run left nothing
+
+
+def test_sigterm_in_a_long_validation_saves_and_exits_at_once_and_resumes_exactly(cwd):
+    common = [*FAST, "model.dropout=0.1", "trainer.max_steps=30"]
+    # a validation of 200,000 batches takes many minutes; the first one starts at step 10
+    proc = popen(cwd, *common, "data.val_batches=200000", "hydra.run.dir=S")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (cwd / "S" / "tensorboard").is_dir():
+        time.sleep(0.1)
+    time.sleep(5)  # 10 training steps take well under a second: now inside the validation
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    took = time.time() - sent
+    assert proc.returncode == 143, err[-2000:]
+    assert took < 15  # saving a tiny model and leaving: a few seconds, not the validation
+    assert "stopped at step 10" in err and "resume=" in err
+    assert (
+        torch.load(cwd / "S" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
+    )
+    assert json.loads((cwd / "S" / "metrics.json").read_text())["steps"] == 10
+
+    r = run_entry("train.py", "resume=S", "data.val_batches=2", cwd=cwd)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_entry("train.py", *common, "hydra.run.dir=straight", cwd=cwd)
+    assert r.returncode == 0, r.stderr[-2000:]
+    resumed = torch.load(cwd / "S" / "checkpoints" / "last.ckpt", weights_only=True)
+    straight = torch.load(cwd / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == straight["global_step"] == 30
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
+    final = [json.loads((cwd / d / "metrics.json").read_text()) for d in ("S", "straight")]
+    assert final[0]["val/loss"] == final[1]["val/loss"]
+
+
+def test_a_sweep_of_runs_shorter_than_the_validation_interval_validates_each(cwd):
+    r = run_entry(
+        "train.py",
+        "-m",
+        *[a for a in FAST if not a.startswith("trainer.val_check_interval")],
+        "optim.lr=1e-3,3e-3",
+        "trainer.max_steps=7",  # the default interval is 250 steps
+        "hydra.sweep.dir=sweep",
+        cwd=cwd,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    for job in ("0", "1"):
+        metrics = json.loads((cwd / "sweep" / job / "metrics.json").read_text())
+        assert [h["step"] for h in metrics["history"]] == [7]
+    assert "2 ok" in (cwd / "sweep" / "report.md").read_text()
