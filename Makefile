@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help install train test test-fast lint format tensorboard clean bench
+.PHONY: help install train test test-fast lint format tensorboard runs clean bench
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ format:  ## apply ruff's fixes and formatting
 bench:  ## speed vs nanoGPT + generation (NANOGPT_DIR=checkout; bench/README.md)
 	$(PYTHON) bench/compare.py $(BENCH_ARGS)
 	$(PYTHON) bench/generation.py
+
+runs:  ## list the runs and sweep jobs under logs/, newest first, with status and val/loss
+	$(PYTHON) src/runs.py
 
 tensorboard:  ## browse every run's curves and samples: http://localhost:6006
 	$(PYTHON) -m tensorboard.main --logdir logs

@@ -147,14 +147,19 @@ def test_kill_9_during_checkpoint_writes_never_leaves_a_broken_file(tmp_path):
     target = tmp_path / "last.ckpt"
     rng = random.Random(0)
     seen = set()
-    for _ in range(4):
-        proc = subprocess.Popen(
+    # four writers of the same file at once, killed one after the other mid-write
+    writers = [
+        subprocess.Popen(
             [sys.executable, "-c", WRITER.format(src=str(SRC), target=str(target))],
             stdout=subprocess.PIPE,
             text=True,
         )
+        for _ in range(4)
+    ]
+    for proc in writers:
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0.3, 1.5))
+    for proc in writers:
+        time.sleep(rng.uniform(0.2, 1.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         if target.exists():  # whatever is there is complete and loadable
@@ -162,7 +167,7 @@ def test_kill_9_during_checkpoint_writes_never_leaves_a_broken_file(tmp_path):
             assert torch.all(ckpt["w"] == float(ckpt["i"]))
             seen.add(ckpt["i"])
     assert seen, "no checkpoint was ever completed"
-    # the next save cleans up temporary files an earlier kill left behind
+    # the next save cleans up the temporary files the killed writers left behind
     AtomicCheckpointIO().save_checkpoint({"i": -1}, target)
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 

@@ -102,7 +102,7 @@ def test_sigterm_saves_flushes_and_says_how_to_resume(tmp_path):
     assert f"Resume with: python src/train.py resume={run}" in err
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     metrics = json.loads((run / "metrics.json").read_text())  # flushed on the way out
-    assert metrics["steps"] == last["global_step"] >= 10
+    assert metrics["steps"] == last["global_step"] >= 10 and metrics["status"] == "stopped"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     assert "val/loss" in EventAccumulator(str(run / "tensorboard")).Reload().Tags()["scalars"]

@@ -169,3 +169,16 @@ def test_text_corpus_from_a_generated_file(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = run_dirs(tmp_path)
     assert "val/loss" in (run / "csv" / "metrics.csv").read_text().splitlines()[0]
+
+
+def test_a_run_ends_with_where_it_went_and_the_next_commands(trained_run):
+    out = (trained_run / "stdout.txt").read_text()
+    run = trained_run.relative_to(trained_run.parents[3]).as_posix()  # as shown: relative
+    tail = out[out.rindex("run finished:") :]
+    assert tail.startswith("run finished: 40 steps in ")
+    assert f"run dir   {run}" in tail and f"best      {run}/checkpoints/best.ckpt" in tail
+    for command in (f"generate.py ckpt={run}", f"eval.py ckpt={run}", f"resume={run}"):
+        assert command in tail
+    assert f"run directory: {trained_run}" in out  # said at the start too
+    log = (trained_run / "train.log").read_text()
+    assert "run finished: 40 steps" in log  # a cluster job's log ends the same way

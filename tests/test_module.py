@@ -7,12 +7,14 @@ checkpoint) unless skipping such batches was asked for.
 
 from __future__ import annotations
 
+import json
 import math
 
 import lightning as L
 import pytest
 import torch
 
+from nanoforge.callbacks import RunSummary
 from nanoforge.errors import NonFiniteLossError, UserError
 from nanoforge.module import GPTModule
 from nanoforge.optim import lr_at
@@ -163,3 +165,14 @@ def test_fused_adamw_with_mixed_precision_and_clipping_is_a_clear_error(tmp_path
     x = torch.randint(NAN_TOK.vocab_size, (2, 8))
     with pytest.raises(UserError, match="optim.fused=null"):
         t.fit(module, train_dataloaders=torch.utils.data.DataLoader([(x, x)], batch_size=None))
+
+
+def test_a_nan_stop_is_recorded_as_failed_in_metrics_json(tmp_path):
+    x = torch.randint(NAN_TOK.vocab_size, (2, 8))
+    data = torch.utils.data.DataLoader([(x, x)] * 100, batch_size=None)
+    t = trainer(tmp_path, 12, [RunSummary(str(tmp_path))])
+    with pytest.raises(NonFiniteLossError):
+        t.fit(PoisonedModule(poisoned={3}), train_dataloaders=data)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "became nan at step 3" in metrics["error"]
+    assert metrics["steps"] == 3

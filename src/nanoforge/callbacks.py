@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -173,16 +174,22 @@ class RunSummary(L.Callback):
                 }
             )
 
-    def summary(self, trainer, pl_module) -> dict:
+    def summary(self, trainer, pl_module, status: str = "finished", error: str = "") -> dict:
+        """What ``metrics.json`` holds. ``status``: finished, stopped (SIGTERM / Ctrl-C) or
+        failed (``error`` says why)."""
         thr = next((c for c in trainer.callbacks if isinstance(c, TokenThroughput)), None)
         best = min(self.history, key=lambda h: h["val/loss"]) if self.history else None
         last = self.history[-1] if self.history else None
+        ckpt = trainer.checkpoint_callback
         return {
+            "status": status,
+            **({"error": error} if error else {}),
             "val/loss": last["val/loss"] if last else math.nan,
             "val/bpc": last["val/bpc"] if last else math.nan,
             "best/val/loss": best["val/loss"] if best else math.nan,
             "best/val/bpc": best["val/bpc"] if best else math.nan,
             "best/step": best["step"] if best else None,
+            "best/checkpoint": (ckpt.best_model_path or None) if ckpt is not None else None,
             "steps": trainer.global_step,
             "tokens_seen": thr.tokens if thr else None,
             "num_params": pl_module.model.num_params(),
@@ -191,16 +198,66 @@ class RunSummary(L.Callback):
             "history": self.history,
         }
 
-    @rank_zero_only
-    def on_fit_end(self, trainer, pl_module) -> None:
-        if trainer.fast_dev_run:
+    def _write(self, trainer, pl_module, status: str, error: str = "") -> None:
+        if trainer.fast_dev_run or not trainer.is_global_zero:
             return
-        data = json.dumps(self.summary(trainer, pl_module), indent=2) + "\n"
+        data = json.dumps(self.summary(trainer, pl_module, status, error), indent=2) + "\n"
         atomic_write_bytes(self.output_dir / "metrics.json", data.encode())
 
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._write(trainer, pl_module, "finished")
+
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if isinstance(exception, StopRequested):  # a graceful stop ends like a finished run
-            self.on_fit_end(trainer, pl_module)
+        if isinstance(exception, StopRequested):  # a graceful stop is a resumable end
+            self._write(trainer, pl_module, "stopped")
+        elif isinstance(exception, UserError):  # NaN loss, full disk: say so in the record
+            self._write(trainer, pl_module, "failed", str(exception))
+
+
+def _shown(path: str | os.PathLike) -> str:
+    """``path`` relative to the working directory when it lies below it (shorter to copy)."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
+def end_of_run(summary: dict, run_dir: str | os.PathLike) -> str:
+    """The lines a run ends with: how it ended, its losses, where it went, what to run next."""
+
+    def fmt(key: str) -> str:
+        value = summary.get(key)
+        return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else "—"
+
+    run = _shown(run_dir)
+    tokens = summary.get("train_tokens_per_sec") or 0
+    lines = [
+        f"run {summary['status']}: {summary['steps']:,} steps in "
+        f"{_duration(summary['wall_seconds'])}, {tokens:,.0f} tokens/s",
+        f"  val/loss {fmt('val/loss')}  val/bpc {fmt('val/bpc')}  "
+        f"(best val/loss {fmt('best/val/loss')} at step {summary.get('best/step') or '—'})",
+        f"  run dir   {run}",
+    ]
+    if summary.get("best/checkpoint"):
+        lines.append(f"  best      {_shown(summary['best/checkpoint'])}")
+    lines += [
+        "next:",
+        f'  python src/generate.py ckpt={run} prompt="ROMEO:"',
+        f"  python src/eval.py ckpt={run}",
+        f"  python src/train.py resume={run}"
+        + (f" trainer.max_steps={2 * summary['steps']}" if summary["status"] == "finished" else ""),
+        f"  tensorboard --logdir {run}",
+    ]
+    return "\n".join(lines)
 
 
 class ValidateAtEnd(L.Callback):

@@ -16,16 +16,20 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from nanoforge.errors import UserError
+from nanoforge.hydra_setup import latest_run
 from nanoforge.io import atomic_write
 from nanoforge.model import GPT, GPTConfig
 from nanoforge.tokenizer import CharTokenizer
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A ``.ckpt`` file, or a run directory (then its best checkpoint, else its last)."""
+    """A ``.ckpt`` file, or a run directory (then its best checkpoint, else its last), or
+    ``last``: the most recent run under ``logs/`` that has a checkpoint."""
     if path is None or str(path) in ("", "None"):
         raise UserError("no checkpoint given: pass ckpt=PATH (a .ckpt file or a run directory)")
     p = Path(path).expanduser()
+    if str(path) == "last" and not p.exists():
+        p = latest_run("logs", ("best.ckpt", "last.ckpt"))
     if not p.exists():
         raise UserError(
             f"checkpoint {str(p)!r} does not exist: pass a .ckpt file or a run directory"

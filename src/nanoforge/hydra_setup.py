@@ -151,18 +151,57 @@ def run(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
         fail(str(err), str(output_dir), fresh and not saved)
 
 
+def find_runs(log_dir: str | os.PathLike = "logs") -> list[Path]:
+    """Every run directory under ``log_dir`` as ``configs/hydra/default.yaml`` lays them out
+    (``<task>/runs/<time>``, ``<task>/multiruns/<time>/<job>``), most recently started first
+    (a resume counts as a start: Hydra rewrites ``.hydra/config.yaml``)."""
+    root = Path(log_dir)
+    found = []
+    for record in [
+        *root.glob("*/runs/*/.hydra/config.yaml"),
+        *root.glob("*/multiruns/*/*/.hydra/config.yaml"),
+    ]:
+        try:
+            found.append((record.stat().st_mtime, record.parent.parent))
+        except FileNotFoundError:  # removed meanwhile
+            continue
+    return [run for _, run in sorted(found, key=lambda t: t[0], reverse=True)]
+
+
+def latest_run(log_dir: str | os.PathLike = "logs", holding=("last.ckpt",)) -> Path:
+    """The most recently started run under ``log_dir`` that holds one of ``holding`` in its
+    ``checkpoints/`` (``resume=last``, ``ckpt=last``)."""
+    from nanoforge.errors import UserError
+
+    for run in find_runs(log_dir):
+        if any((run / "checkpoints" / name).is_file() for name in holding):
+            return run
+    raise UserError(
+        f"`last`: no run under {log_dir}/ has checkpoints/{' or '.join(holding)}. Pass a run "
+        "directory instead (python src/runs.py lists them)."
+    )
+
+
 def expand_resume(argv: list[str]) -> list[str]:
     """Turn ``resume=RUN_DIR`` into the overrides that continue that run in place.
 
     The run's recorded overrides (``RUN_DIR/.hydra/overrides.yaml``) are replayed first, the new
     command-line overrides go on top (a key given again replaces the recorded one), and the run
     continues from ``RUN_DIR/checkpoints/last.ckpt`` in ``RUN_DIR`` itself: same TensorBoard
-    run, same samples.txt, same metrics.json.
+    run, same samples.txt, same metrics.json. ``resume=last`` is the most recent run under
+    ``logs/`` that has a ``last.ckpt``.
     """
+    from nanoforge.errors import UserError
+
     resume = [a for a in argv[1:] if a.startswith("resume=")]
     if not resume:
         return argv
     run_dir = Path(resume[-1].split("=", 1)[1]).expanduser()
+    if str(run_dir) == "last":  # the most recent run of this folder's logs/
+        try:
+            run_dir = latest_run("logs", ("last.ckpt",))
+        except UserError as e:
+            fail(f"resume={e}")
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     last = run_dir / "checkpoints" / "last.ckpt"
     if not overrides_file.is_file():

@@ -101,6 +101,10 @@ def read_job(job_dir: Path, sweep_dir: Path) -> JobRow:
         row.metrics = metrics
     if status.get("status") == "failed" and status.get("error"):
         row.note = str(status["error"])
+    elif metrics is not None and metrics.get("status", "finished") != "finished":
+        row.note = str(
+            metrics.get("error") or f"{metrics['status']} at step {metrics.get('steps')}"
+        )
     elif metrics is None and not status:
         row.status, row.note = "unfinished", "no result yet: still running, or killed"
     elif metrics is None:

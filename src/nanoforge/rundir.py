@@ -13,14 +13,20 @@
 :class:`RunDirGuard` (a Hydra callback, ``configs/hydra/default.yaml``) does this for single
 runs before Hydra writes into the directory; ``claim`` is also called by every training job
 (sweep jobs included), where it only takes the lock if the callback has not.
+
+``python src/runs.py`` lists the runs under ``logs/``, newest first, with their status
+(finished, stopped, failed, or running: its lock is held) from what the directories hold.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
+import math
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +34,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from nanoforge.errors import UserError
-from nanoforge.hydra_setup import launcher_rank
+from nanoforge.hydra_setup import find_runs, launcher_rank
 
 LOCK_FILE = "run.lock"
 RECORD_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
@@ -152,3 +158,84 @@ class RunDirGuard(Callback):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
+
+
+# --------------------------------------------------------------------------- finding runs
+def is_running(run_dir: Path) -> bool:
+    """True while a process holds the run's lock (it is training in it now)."""
+    import fcntl
+
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the shared lock we may have taken
+    return False
+
+
+def run_status(run_dir: Path) -> tuple[str, dict]:
+    """(finished | stopped | failed | running, the run's metrics.json or {})."""
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        metrics = {}
+    if is_running(run_dir):
+        return "running", metrics
+    if metrics:
+        return str(metrics.get("status", "finished")), metrics
+    # no summary: killed (kill -9, power loss) or crashed; with a checkpoint it can resume
+    return ("stopped" if (run_dir / "checkpoints" / "last.ckpt").is_file() else "failed"), {}
+
+
+def list_runs(log_dir: str | os.PathLike = "logs", limit: int = 20) -> str:
+    """A table of the runs under ``log_dir``, most recently started first."""
+    from omegaconf import OmegaConf
+
+    rows = []
+    for run in find_runs(log_dir)[:limit]:
+        status, metrics = run_status(run)
+        try:
+            overrides = " ".join(str(o) for o in OmegaConf.load(run / ".hydra" / "overrides.yaml"))
+        except Exception:  # unreadable or half-written: the row still shows the run
+            overrides = ""
+        loss = metrics.get("val/loss")
+        started = time.strftime(
+            "%Y-%m-%d %H:%M", time.localtime((run / ".hydra" / "config.yaml").stat().st_mtime)
+        )
+        rows.append(
+            (
+                started,
+                status,
+                str(metrics.get("steps", "—")),
+                f"{loss:.4f}" if isinstance(loss, float) and math.isfinite(loss) else "—",
+                str(run),
+                overrides,
+            )
+        )
+    if not rows:
+        return f"no runs under {log_dir}/ (python src/train.py makes one)"
+    head = ("started", "status", "steps", "val/loss", "run", "overrides")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(r[:5], widths, strict=True)) + "  " + r[5]
+        for r in [head, *rows]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python src/runs.py [LOG_DIR] [-n N]``: the runs and sweep jobs, newest first."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="runs.py", description="List training runs and sweep jobs, most recent first."
+    )
+    parser.add_argument("log_dir", nargs="?", default="logs", help="default: logs")
+    parser.add_argument("-n", type=int, default=20, help="how many (default 20)")
+    args = parser.parse_args(argv)
+    print(list_runs(args.log_dir, args.n))
+    return 0

@@ -20,9 +20,9 @@ from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from omegaconf import DictConfig, OmegaConf
 
 from nanoforge import rundir
-from nanoforge.callbacks import GracefulStop, RunSummary, StopRequested
+from nanoforge.callbacks import GracefulStop, RunSummary, StopRequested, end_of_run
 from nanoforge.checkpoint import check_resumable, config_differences, load_model
-from nanoforge.errors import UserError, find_user_error
+from nanoforge.errors import NonFiniteLossError, UserError, find_user_error
 from nanoforge.module import GPTModule
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ def train(cfg: DictConfig) -> dict:
     """Fit the model; return the run summary (what ``metrics.json`` holds)."""
     # the run directory is this run's alone: locked, never another run's (nanoforge.rundir)
     rundir.claim(cfg.paths.output_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
+    log.info(f"run directory: {cfg.paths.output_dir}")
     datamodule, module, trainer = build(cfg)
     n = module.model.num_params()
     log.info(
@@ -119,8 +120,23 @@ def train(cfg: DictConfig) -> dict:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except StopRequested:  # SIGTERM / Ctrl-C: saved, flushed; say how to resume
         stop = next(c for c in trainer.callbacks if isinstance(c, GracefulStop))
+        _end(trainer, module, cfg, "stopped")
         if trainer.is_global_zero:
             print(stop.resume_hint(trainer.global_step), file=sys.stderr, flush=True)
         sys.exit(stop.exit_code)
+    except NonFiniteLossError as e:
+        _end(trainer, module, cfg, "failed", str(e))
+        raise
+    return _end(trainer, module, cfg, "finished")
+
+
+def _end(trainer, module, cfg: DictConfig, status: str, error: str = "") -> dict:
+    """The run summary (what ``metrics.json`` holds), printed as the run's last lines."""
     summary = next((c for c in trainer.callbacks if isinstance(c, RunSummary)), None)
-    return summary.summary(trainer, module) if summary else {}
+    if summary is None:
+        return {}
+    result = summary.summary(trainer, module, status, error)
+    if trainer.is_global_zero and not trainer.fast_dev_run:
+        # through logging: on the console and in train.log, for whoever tails a cluster job
+        log.info("end of run\n" + end_of_run(result, cfg.paths.output_dir))
+    return result
