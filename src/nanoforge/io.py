@@ -1,4 +1,5 @@
-"""Safe file writing: a file is either the old complete one or the new complete one.
+"""Safe file writing (a file is either the old complete one or the new complete one), and
+the matching tolerant read of the JSON records a run leaves.
 
 Checkpoints, ``metrics.json``, ``eval.json``, the sweep report and the token cache are all
 written through :func:`atomic_write`: the bytes go to a temporary file in the same folder,
@@ -8,6 +9,7 @@ moment leaves no half-written file behind.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import tempfile
@@ -90,3 +92,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
     atomic_write(path, lambda f: f.write(data))
+
+
+def read_json(path: str | os.PathLike) -> dict | None:
+    """The JSON object in ``path``, or None when it is missing or unreadable (a run that was
+    killed, a file another process is replacing)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from nanoforge.errors import UserError
-from nanoforge.io import atomic_write_bytes
+from nanoforge.io import atomic_write_bytes, read_json
 
 STATUS_FILE = "job_status.json"
 CSV_FIELDS = [
@@ -70,13 +69,6 @@ class JobRow:
         return list(self.metrics.get("history") or [])
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def _job_number(job_dir: Path, sweep_dir: Path) -> int | str:
     try:
         num = OmegaConf.select(OmegaConf.load(job_dir / ".hydra" / "hydra.yaml"), "hydra.job.num")
@@ -95,8 +87,8 @@ def read_job(job_dir: Path, sweep_dir: Path) -> JobRow:
     except Exception:  # unreadable or half-written: the row still shows the job
         overrides = []
     row = JobRow(_job_number(job_dir, sweep_dir), job_dir, overrides)
-    status = _read_json(job_dir / STATUS_FILE) or {}
-    metrics = _read_json(job_dir / "metrics.json")
+    status = read_json(job_dir / STATUS_FILE) or {}
+    metrics = read_json(job_dir / "metrics.json")
     if metrics is not None:
         row.metrics = metrics
     if status.get("status") == "failed" and status.get("error"):

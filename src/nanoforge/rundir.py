@@ -21,7 +21,6 @@ runs before Hydra writes into the directory; ``claim`` is also called by every t
 from __future__ import annotations
 
 import atexit
-import json
 import math
 import os
 import shutil
@@ -35,6 +34,7 @@ from omegaconf import DictConfig
 
 from nanoforge.errors import UserError
 from nanoforge.hydra_setup import find_runs, launcher_rank
+from nanoforge.io import atomic_write_bytes, read_json
 
 LOCK_FILE = "run.lock"
 RECORD_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
@@ -94,21 +94,21 @@ def claim(run_dir: str | os.PathLike, ckpt_path: str | None, overwrite: bool = F
     run_dir = Path(run_dir)
     if run_dir.resolve() in _held:
         return
-    if _checkpoints(run_dir) and not _resumes(run_dir, ckpt_path):
-        if not overwrite:
-            raise UserError(
-                f"{run_dir} holds another run's checkpoints; nothing was changed. Continue that "
-                f"run with `python src/train.py resume={run_dir}`, train in a new directory "
-                "(leave hydra.run.dir unset), or replace it with overwrite=true."
-            )
-        lock(run_dir)
+    another_run = bool(_checkpoints(run_dir)) and not _resumes(run_dir, ckpt_path)
+    if another_run and not overwrite:
+        raise UserError(
+            f"{run_dir} holds another run's checkpoints; nothing was changed. Continue that "
+            f"run with `python src/train.py resume={run_dir}`, train in a new directory "
+            "(leave hydra.run.dir unset), or replace it with overwrite=true."
+        )
+    lock(run_dir)
+    if another_run:  # overwrite=true: the old run's outputs go, its lock is ours now
         for name in RUN_OUTPUTS:
             target = run_dir / name
             if target.is_dir():
                 shutil.rmtree(target)
             else:
                 target.unlink(missing_ok=True)
-    lock(run_dir)
 
 
 class _RecordKeeper:
@@ -134,8 +134,6 @@ class _RecordKeeper:
     def restore_if_unsaved(self) -> None:
         if not self.files or self._mtime() != self.last_mtime:
             return
-        from nanoforge.io import atomic_write_bytes
-
         for name, data in self.files.items():
             if (self.folder / name).read_bytes() != data:
                 atomic_write_bytes(self.folder / name, data)
@@ -180,10 +178,7 @@ def is_running(run_dir: Path) -> bool:
 
 def run_status(run_dir: Path) -> tuple[str, dict]:
     """(finished | stopped | failed | running, the run's metrics.json or {})."""
-    try:
-        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        metrics = {}
+    metrics = read_json(run_dir / "metrics.json") or {}
     if is_running(run_dir):
         return "running", metrics
     if metrics:
