@@ -34,4 +34,5 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     sys.argv = hydra_setup.expand_resume(sys.argv)  # resume=RUN_DIR continues a run in place
+    sys.argv = hydra_setup.check_command_line(sys.argv, "train")  # typos: one line, exit 2
     main()

@@ -161,6 +161,12 @@ def run_dirs(cwd: Path, task: str = "train") -> list[Path]:
     return sorted((cwd / "logs" / task / "runs").glob("*"))
 
 
+def tb_dir(run: Path) -> Path:
+    """The one folder holding a run's TensorBoard event files (``RUN/tensorboard/<name>``)."""
+    (folder,) = {p.parent for p in (run / "tensorboard").glob("*/events.out.tfevents.*")}
+    return folder
+
+
 def read_csv(path: Path) -> list[dict]:
     """The rows of a CSV file (a sweep's report.csv) as dicts."""
     with open(path, newline="", encoding="utf-8") as f:

@@ -94,7 +94,7 @@ def check_ddp_run_dir(run: Path) -> None:
     assert all(torch.equal(saved[k], w0[k]) for k in w0)
 
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
-    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert len(list((run / "tensorboard").glob("*/events.out.tfevents.*"))) == 1
     assert (run / "samples.txt").read_text().count("===== step ") == 2  # 2 validations, once
     m = json.loads((run / "metrics.json").read_text())
     assert m["steps"] == STEPS

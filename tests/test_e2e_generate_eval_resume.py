@@ -14,7 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import make_text, run_dirs, run_entry
+from tests.conftest import make_text, run_dirs, run_entry, tb_dir
 
 pytestmark = pytest.mark.slow
 
@@ -71,8 +71,8 @@ def test_resume_in_place_equals_straight_run(workdir, straight_run):
     # same TensorBoard run: both processes' events in one folder, val/loss continues
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    assert len(list((half / "tensorboard").glob("events.out.tfevents.*"))) == 2
-    acc = EventAccumulator(str(half / "tensorboard")).Reload()
+    assert len(list((half / "tensorboard").glob("*/events.out.tfevents.*"))) == 2
+    acc = EventAccumulator(str(tb_dir(half))).Reload()
     assert [e.step for e in acc.Scalars("val/loss")] == [10, 20, 30, 40]
     # the composed config (recorded overrides + new ones) was kept
     cfg = OmegaConf.load(half / ".hydra" / "config.yaml")
@@ -91,7 +91,7 @@ def test_resume_with_ckpt_path(workdir, straight_run):
         cwd=workdir,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "step 50: val/loss=" in r.stdout and "step 10: val/loss=" not in r.stdout
+    assert "step 50/50: val/loss=" in r.stdout and "step 10/50: val/loss=" not in r.stdout
     assert (
         torch.load(workdir / "more/checkpoints/last.ckpt", weights_only=True)["global_step"] == 50
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import SRC, make_text, run_dirs, run_entry
+from tests.conftest import SRC, make_text, run_dirs, run_entry, tb_dir
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +32,7 @@ def trained_run(tmp_path_factory) -> Path:
         cwd=cwd,
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "Warning" not in r.stderr and "warning:" not in r.stdout  # a quiet console
     (run,) = run_dirs(cwd)
     run.joinpath("stdout.txt").write_text(r.stdout)
     return run
@@ -41,9 +42,12 @@ def test_run_directory_layout(trained_run):
     """What a run leaves (the callbacks' own files are specified in test_callbacks.py)."""
     assert (trained_run / ".hydra" / "config.yaml").is_file()
     assert {p.name for p in (trained_run / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
-    assert any((trained_run / "tensorboard").glob("events.out.tfevents.*"))
+    assert any((trained_run / "tensorboard").glob("*/events.out.tfevents.*"))
     out = (trained_run / "stdout.txt").read_text()
-    assert "step 20: val/loss=" in out and "step 40: val/loss=" in out and "val/bpc=" in out
+    log = (trained_run / "train.log").read_text()  # the same lines, for whoever tails the job
+    assert "step 20/40: val/loss=" in log and "run finished: 40 steps" in log
+    assert "Total FLOPs" not in out and "💡" not in out and "LeafSpec" not in out
+    assert "step 20/40: val/loss=" in out and "step 40/40: val/loss=" in out and "val/bpc=" in out
     m = json.loads((trained_run / "metrics.json").read_text())
     assert m["steps"] == 40 and [h["step"] for h in m["history"]] == [20, 40]
     assert m["tokens_seen"] == 40 * 12 * 32  # steps x batch x block
@@ -61,9 +65,13 @@ def test_checkpoint_is_self_contained(trained_run):
 def test_tensorboard_events_hold_scalars_and_text(trained_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(trained_run / "tensorboard"), size_guidance={"tensors": 0}).Reload()
+    acc = EventAccumulator(str(tb_dir(trained_run)), size_guidance={"tensors": 0}).Reload()
     scalars = set(acc.Tags()["scalars"])
     assert {"train/loss", "val/loss", "val/bpc", "lr", "throughput/tokens_per_sec"} <= scalars
+    assert "epoch" not in scalars and "hp_metric" not in scalars
+    # the run is named by its overrides in TensorBoard's run selector, settings in HPARAMS
+    assert tb_dir(trained_run).name.startswith("model=tiny,trainer.max_steps=40,")
+    assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
     assert [e.step for e in acc.Scalars("val/loss")] == [20, 40]
     lrs = [e.value for e in acc.Scalars("lr")]
     assert lrs[0] < max(lrs)  # warmup visible
@@ -130,7 +138,7 @@ def test_fast_dev_run_and_simultaneous_runs_get_their_own_directories(tmp_path):
     outs = [p.communicate(timeout=180) for p in procs]
     for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
-        assert "step 1: val/loss=" in out
+        assert "step 1/1: val/loss=" in out
     dirs = run_dirs(tmp_path)
     assert len(dirs) == 2 and dirs[0] != dirs[1]
     for d in dirs:

@@ -164,17 +164,66 @@ def test_experiment_resolves_from_any_working_directory(tmp_path):
     assert not (tmp_path / "logs").exists()  # printing the config runs nothing
 
 
-@pytest.mark.slow
-def test_hydra_config_errors_are_short_and_non_zero(tmp_path):
-    cases = [
-        (["model=huge"], "Could not find 'model/huge'"),
-        (["model.n_layers=4"], "n_layers"),
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["model=smal"], "model=smal: no such option (did you mean model=small?); model is one of"),
+        (["optim.lrr=1"], "optim.lrr is not a config key: did you mean optim.lr"),
+        (["model.n_layr=4"], "did you mean model.n_layer"),
+        # typos in optional groups: Hydra alone skips them and the default run trains
+        (["experiment=nope"], "experiment=nope: no such option; experiment is one of: baby_cpu"),
+        (["debug=fdrr"], "did you mean debug=fdr?"),
+        (["hparams_search=optun"], "did you mean hparams_search=optuna?"),
+        (["hydra/launcher=slurmm"], "did you mean hydra/launcher=slurm?"),
+        (["logger=[tensorboard,tensorbord]"], "logger=tensorbord: no such option"),
+        (["-m", "model=tiny,smal"], "model=smal: no such option"),  # every value of a sweep
+        (["-m", "optim.lrz=range(1,3)"], "optim.lrz is not a config key"),
+        (["model"], "'model' is not an override: write key=value"),
+    ],
+)
+def test_a_mistaken_override_is_one_line_exit_2_with_the_fix(args, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        hydra_setup.check_command_line(["train.py", *args], "train")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+
+
+def test_good_overrides_pass_and_pasted_unicode_is_quoted_for_hydra():
+    argv = ["generate.py", "prompt=Ω — “Romeo”", "temperature=0.5", "-m", "optim.lr=1e-3,3e-3"]
+    assert hydra_setup.check_command_line(argv[:3], "generate") == [
+        "generate.py",
+        'prompt="Ω — “Romeo”"',
+        "temperature=0.5",
     ]
-    for args, expected in cases:
-        r = run_entry("train.py", *args, cwd=tmp_path, timeout=60)
-        assert r.returncode != 0 and expected in r.stderr, r.stderr
-        assert "Traceback" not in r.stderr
+    assert hydra_setup.check_command_line(["train.py", *argv[3:]], "train") == [
+        "train.py",
+        "-m",
+        "optim.lr=1e-3,3e-3",
+    ]
+    assert hydra_setup.check_command_line(["train.py", "--help", "model=smal"], "train")[1] == (
+        "--help"
+    )  # Hydra's own flags: Hydra answers
+
+
+@pytest.mark.slow
+def test_config_errors_answer_before_anything_runs(tmp_path):
+    r = run_entry("train.py", "model=smal", cwd=tmp_path, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("error: model=smal: no such option")
+    assert "Traceback" not in r.stderr and r.stdout == ""
     r = run_entry("train.py", "model=tiny", "trainer.max_steps=abc", cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and "trainer.max_steps must be a positive integer" in r.stderr
     assert "Traceback" not in r.stderr
     assert run_dirs(tmp_path) == []
+
+
+@pytest.mark.parametrize("entry", ["train", "generate", "eval"])
+def test_help_starts_with_how_to_use_it(entry):
+    help_cfg = compose(config_name=entry, return_hydra_config=True).hydra.help
+    header = help_cfg.header  # resolved: ${experiments_help:} lists experiments/*.yaml
+    assert f"python src/{entry}.py" in header and "ckpt=" in header + "resume="
+    if entry == "train":
+        for command in ("resume=RUN_DIR", "src/generate.py", "src/eval.py", "src/report.py", "-m"):
+            assert command in header
+        assert "fast_cpu           Our fastest CPU recipe" in header
+        assert OmegaConf.to_container(help_cfg)["template"].startswith("${hydra.help.header}")

@@ -87,3 +87,32 @@ def test_report_cli_rebuilds_and_explains_bad_directories(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert report.main([str(tmp_path / "empty")]) == 2
     assert "holds no jobs" in capsys.readouterr().err
+
+
+def test_the_plot_puts_final_loss_against_what_the_sweep_varied(tmp_path):
+    def rows(*jobs):
+        sweep = tmp_path / str(len(list(tmp_path.iterdir())))
+        for i, (overrides, loss, params) in enumerate(jobs):
+            fake_job(sweep, i, overrides, metrics(loss, params), {"status": "ok"})
+        return report.collect(sweep)
+
+    lr_sweep = rows(
+        (["optim.lr=1e-4", "seed=1"], 2.9, 100_000),
+        (["optim.lr=1e-3", "seed=1"], 2.4, 100_000),
+        (["optim.lr=1e-2", "seed=1"], 2.6, 100_000),
+    )
+    assert report.swept_keys(lr_sweep) == {"optim.lr": ["1e-4", "1e-3", "1e-2"]}
+    ((key, xs),) = report._panels(lr_sweep)
+    assert key == "optim.lr" and xs == [1e-4, 1e-3, 1e-2]  # not every point at one x
+    assert report._log_axis("optim.lr", xs) and not report._log_axis("seed", [1.0, 2.0])
+
+    size_sweep = rows((["model=tiny"], 2.5, 100_000), (["model=small"], 2.0, 800_000))
+    assert [k for k, _ in report._panels(size_sweep)] == ["parameters"]
+
+    two_keys = rows(
+        (["tokenizer=char", "optim.lr=1e-3"], 2.5, 1),
+        (["tokenizer=bpe", "optim.lr=3e-3"], 2.2, 1),
+    )
+    panels = dict(report._panels(two_keys))
+    assert panels == {"tokenizer": ["char", "bpe"], "optim.lr": [1e-3, 3e-3]}
+    assert report.plot(two_keys).startswith(PNG_MAGIC)

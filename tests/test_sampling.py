@@ -63,6 +63,10 @@ def test_sampling_respects_filters():
         (10, 1.0, 0, None),
         (10, 1.0, None, 0.0),
         (10, 1.0, None, 1.5),
+        (1.5, 1.0, None, None),
+        (10, float("nan"), None, None),
+        (10, float("inf"), None, None),
+        (10, 1.0, 2.5, None),
     ],
 )
 def test_bad_sampling_args(args):

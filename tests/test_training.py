@@ -32,6 +32,12 @@ from nanoforge.training import build, train
         (["model.dropout=1.0"], r"model.dropout must be in \[0, 1\)"),
         (["model.dropout=-0.1"], r"model.dropout must be in \[0, 1\)"),
         (["+model.n_layers=4"], "unknown model option.*n_layers"),
+        (["trainer.precision=17"], "trainer.precision=17 is not a precision: use one of 16-mixed"),
+        pytest.param(
+            ["trainer=gpu"],
+            "trainer.accelerator=gpu but torch .* use trainer=cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here"),
+        ),
     ],
 )
 def test_bad_settings(cfg_factory, text_file, overrides, match):

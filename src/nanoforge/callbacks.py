@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import signal
@@ -20,13 +21,13 @@ from typing import ClassVar
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from nanoforge.errors import UserError
 from nanoforge.io import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 
 class TextSamples(L.Callback):
@@ -86,16 +87,6 @@ class TextSamples(L.Callback):
         ]
         model.train(was_training)
         return self.prompt + tok.decode(ids)
-
-
-class ProgressBar(TQDMProgressBar):
-    """Lightning's tqdm bar without the nested validation bar, whose cursor-up escapes
-    garble the one-line ``step N: val/loss=...`` reports in logs and CI output."""
-
-    def init_validation_tqdm(self):
-        if self.trainer.state.fn == "validate":  # a validate-only run keeps its bar
-            return super().init_validation_tqdm()
-        return Tqdm(disable=True)
 
 
 class TokenThroughput(L.Callback):
@@ -347,6 +338,8 @@ class GracefulStop(L.Callback):
         if ckpt_cb is not None and ckpt_cb.dirpath:
             folder = Path(ckpt_cb.dirpath)
         self.saved = folder / "last.ckpt"
+        if trainer.is_global_zero:  # train.log too: the signal handler itself only prints
+            log.warning(f"{self.signal}: saving {self.saved} at step {trainer.global_step}")
         trainer.save_checkpoint(self.saved, weights_only=False)  # the full training state
         raise StopRequested(self.signal)
 

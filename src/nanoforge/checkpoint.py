@@ -179,10 +179,10 @@ def check_resumable(
     model_config: dict | None = None,
     data_state: dict | None = None,
     tokenizer_state: dict | None = None,
-) -> None:
+) -> int | None:
     """Fail early, and clearly, if ``path`` cannot resume this training run: not a nanoforge
     training checkpoint, another model (``model_config``), or other text (``data_state``, the
-    DataModule's ``state_dict()``, and ``tokenizer_state``)."""
+    DataModule's ``state_dict()``, and ``tokenizer_state``). Returns the step it resumes at."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"ckpt_path {str(p)!r} is not a file: pass a .ckpt saved by a training run")
@@ -220,3 +220,4 @@ def check_resumable(
             "run continues on the text and split it started with. To train these weights on other "
             f"text, start a new run from them: python src/train.py init_from={p} data.path=FILE"
         )
+    return ckpt.get("global_step")

@@ -23,7 +23,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from nanoforge.corpora import load_corpus
 from nanoforge.errors import UserError
@@ -87,10 +87,22 @@ class RandomWindows(IterableDataset):
             yield self.batch(index)
             index += workers
 
+
+class FixedBatches(Dataset):
+    """The first ``len`` batches of a :class:`RandomWindows` stream, by index: validation
+    scores the same batches every time. Map-style, so it has a length (the progress bar's
+    total) without the length-on-an-IterableDataset ambiguity Lightning warns about."""
+
+    def __init__(self, windows: RandomWindows, num_batches: int):
+        self.windows, self.num_batches = windows, num_batches
+
     def __len__(self) -> int:
-        if self.num_batches is None:
-            raise TypeError("an endless RandomWindows has no length")
         return self.num_batches
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < self.num_batches:
+            raise IndexError(index)
+        return self.windows.batch(index)
 
 
 def text_sha256(text: str) -> str:
@@ -228,18 +240,12 @@ class TextDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         # The same fixed batches at every validation: curves compare like with like.
-        ds = RandomWindows(
-            self.val_ids,
-            self.block_size,
-            self.batch_size,
-            self.seed,
-            "val",
-            rank=self._rank(),
-            num_batches=self.val_batches,
+        windows = RandomWindows(
+            self.val_ids, self.block_size, self.batch_size, self.seed, "val", rank=self._rank()
         )
-        return self._loader(ds)
+        return self._loader(FixedBatches(windows, self.val_batches))
 
-    def _loader(self, ds: RandomWindows) -> DataLoader:
+    def _loader(self, ds: RandomWindows | FixedBatches) -> DataLoader:
         return DataLoader(
             ds,
             batch_size=None,  # the dataset yields whole batches

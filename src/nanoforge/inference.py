@@ -29,11 +29,21 @@ def pick_device(name: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise UserError(
             f"device={name!r} is not a device: use auto, cpu, cuda, cuda:N or mps"
         ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            f"device={name} but torch {torch.__version__} sees no CUDA GPU: use device=cpu "
+            "(or auto), or install a CUDA build of torch (README: GPU machines)"
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device={name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device=mps but this machine has no MPS: use device=cpu (or auto)")
+    return device
 
 
 # --------------------------------------------------------------------------- generation

@@ -53,6 +53,9 @@ class GPTModule(L.LightningModule):
         if self.tokenizer.vocab_size != self.config.vocab_size:
             raise ValueError("model.vocab_size must equal the tokenizer's vocab_size")
         self.model = GPT(self.config)
+        # one full-length sequence: Lightning's model summary (trainer.enable_model_summary=true)
+        # counts the FLOPs of a forward pass on it
+        self.example_input_array = torch.zeros(1, self.config.block_size, dtype=torch.long)
         self.compile = compile
         self._forward = self.model
         # a NaN/inf loss stops training, unless skipping such batches was asked for
@@ -104,14 +107,7 @@ class GPTModule(L.LightningModule):
         # Lightning's reserved `step` key: validation scalars land at the number of optimizer
         # steps taken (20, 40, ...), the same x as the printed line, samples and metrics.json
         self.log("step", float(self.global_step))
-        m = self.trainer.callback_metrics
-        if "val/loss" in m:
-            # one plain line per validation: readable in CI logs and by scripts
-            line = (
-                f"step {self.global_step}: val/loss={float(m['val/loss']):.4f} "
-                f"val/bpc={float(m['val/bpc']):.4f}"
-            )
-            self.print(line)  # rank zero only, through the progress bar (no garbled lines)
+        # the one line per validation is nanoforge.console.ProgressLog's (console and train.log)
 
     # --- exact resume: the global RNG (dropout) travels in the checkpoint -----------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

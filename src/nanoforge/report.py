@@ -210,16 +210,62 @@ def to_csv(rows: list[JobRow], sweep_dir: Path) -> str:
     return buf.getvalue()
 
 
+def swept_keys(rows: list[JobRow]) -> dict[str, list[str | None]]:
+    """The keys whose value differs between jobs, each with every job's value (as written)."""
+    per_job = [
+        {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in r.overrides if "=" in o}
+        for r in rows
+    ]
+    keys = list(dict.fromkeys(k for d in per_job for k in d))
+    return {k: [d.get(k) for d in per_job] for k in keys if len({d.get(k) for d in per_job}) > 1}
+
+
+def _number(value: str | None) -> float | None:
+    try:
+        x = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _panels(rows: list[JobRow]) -> list[tuple[str, list[Any]]]:
+    """What the final loss is plotted against: the parameter count when model size varies
+    (a scaling sweep), and each other swept key (at most three panels)."""
+    from_size = len({r.metric("num_params") for r in rows if r.metric("num_params")}) > 1
+    panels: list[tuple[str, list[Any]]] = []
+    if from_size:
+        panels.append(("parameters", [r.metric("num_params") for r in rows]))
+    for key, values in swept_keys(rows).items():
+        if from_size and key.split(".")[0].split("/")[0] == "model":
+            continue  # the parameter count says it on a numeric axis
+        numbers = [_number(v) for v in values]
+        panels.append((key, numbers if all(n is not None for n in numbers) else values))
+    if not panels:
+        panels.append(("parameters", [r.metric("num_params") for r in rows]))
+    return panels[:3]
+
+
+def _log_axis(key: str, xs: list[float]) -> bool:
+    """Log scale for rate-like keys (lr, weight decay, ...) and for values spanning > 5x."""
+    positive = [x for x in xs if x and x > 0]
+    if len(positive) != len(xs) or not xs:
+        return False
+    rate_like = key.rsplit(".", 1)[-1].endswith(("lr", "weight_decay", "eps"))
+    return rate_like or max(xs) > 5 * min(xs)
+
+
 def plot(rows: list[JobRow]) -> bytes:
-    """PNG: validation loss per step for every job | final val/loss against parameters."""
+    """PNG: validation loss per step for every job | final val/loss against each swept key
+    (against the parameter count when model size varies)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global backend, no display needed
-    from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
+    from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
 
     _, varying = _split_overrides(rows)
-    fig = Figure(figsize=(12, 4.8), dpi=100, layout="constrained")
+    panels = _panels(rows)
+    fig = Figure(figsize=(6 * (1 + len(panels)), 4.8), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    curves, scaling = fig.subplots(1, 2)
+    curves, *finals = fig.subplots(1, 1 + len(panels))
     for i, r in enumerate(rows):
         pts = [
             (h["step"], h["val/loss"])
@@ -236,20 +282,35 @@ def plot(rows: list[JobRow]) -> bytes:
     curves.grid(alpha=0.3)
     if curves.lines and len(curves.lines) <= 16:
         curves.legend(fontsize=7)
-    ok = [r for r in rows if r.status == "ok" and r.metric("num_params")]
-    if ok:
-        xs = [r.metric("num_params") for r in ok]
-        ys = [r.metric("val/loss") for r in ok]
-        scaling.scatter(xs, ys, zorder=3)
-        for r, x, y in zip(ok, xs, ys, strict=True):
-            scaling.annotate(str(r.job), (x, y), textcoords="offset points", xytext=(4, 4))
-        if max(xs) > 2 * min(xs):
-            scaling.set_xscale("log")
-            scaling.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-            scaling.xaxis.set_minor_formatter(NullFormatter())
-        scaling.xaxis.set_major_formatter(EngFormatter())
-    scaling.set(xlabel="parameters", ylabel="final val/loss", title="final loss vs. parameters")
-    scaling.grid(alpha=0.3, which="both")
+    for ax, (key, values) in zip(finals, panels, strict=True):
+        ok = [
+            (r, x)
+            for r, x in zip(rows, values, strict=True)
+            if r.status == "ok" and x is not None and r.metric("val/loss") is not None
+        ]
+        title = "final loss vs. parameters" if key == "parameters" else f"final loss vs. {key}"
+        ax.set(xlabel=key, ylabel="final val/loss", title=title)
+        ax.grid(alpha=0.3, which="both")
+        if not ok:
+            continue
+        xs = [x for _, x in ok]
+        ys = [r.metric("val/loss") for r, _ in ok]
+        numeric = all(isinstance(x, int | float) for x in xs)
+        if not numeric:  # categorical: one slot per value, in the order the sweep gave them
+            slots = list(dict.fromkeys(xs))
+            xs = [slots.index(x) for x in xs]
+            ax.set_xticks(range(len(slots)), slots, rotation=20 if len(slots) > 4 else 0)
+        ax.scatter(xs, ys, zorder=3)
+        for (r, _), x, y in zip(ok, xs, ys, strict=True):
+            ax.annotate(str(r.job), (x, y), textcoords="offset points", xytext=(4, 4))
+        if numeric and _log_axis(key, xs):
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        if numeric:  # 800k parameters; 0.001 for a learning rate (not "1 m")
+            ax.xaxis.set_major_formatter(
+                EngFormatter() if key == "parameters" else FuncFormatter(lambda v, _: f"{v:g}")
+            )
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()

@@ -7,6 +7,8 @@ keeps exactly the k most likely tokens (ties broken by index, never more than k)
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from nanoforge.errors import UserError
@@ -15,13 +17,19 @@ from nanoforge.errors import UserError
 def check_sampling_args(
     max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None
 ) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise UserError(f"max_new_tokens must be a whole number of tokens, got {max_new_tokens!r}")
     if max_new_tokens <= 0:
         raise UserError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    if not isinstance(temperature, int | float) or not math.isfinite(temperature):
+        raise UserError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if temperature < 0:
         raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)):
+        raise UserError(f"top_k must be a whole number >= 1 (or null), got {top_k!r}")
     if top_k is not None and top_k < 1:
         raise UserError(f"top_k must be >= 1 (or null to disable), got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
+    if top_p is not None and not (isinstance(top_p, int | float) and 0.0 < top_p <= 1.0):
         raise UserError(f"top_p must be in (0, 1] (or null to disable), got {top_p}")
 
 

@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from nanoforge import rundir
 from nanoforge.callbacks import GracefulStop, RunSummary, StopRequested, end_of_run
 from nanoforge.checkpoint import check_resumable, config_differences, load_model
+from nanoforge.console import quiet_libraries
 from nanoforge.errors import NonFiniteLossError, UserError, find_user_error
 from nanoforge.module import GPTModule
 
@@ -56,6 +58,38 @@ def check_config(cfg: DictConfig) -> None:
     vci = cfg.trainer.get("val_check_interval")
     if isinstance(vci, int) and vci <= 0:
         raise UserError(f"trainer.val_check_interval must be > 0 steps, got {vci}")
+    check_precision(cfg.trainer.get("precision", 32))
+    check_accelerator(str(cfg.trainer.get("accelerator", "auto")))
+
+
+def check_precision(precision) -> None:
+    """Lightning's own list of precisions (a union of Literals), checked before the data."""
+    import typing
+
+    from lightning.fabric.connector import _PRECISION_INPUT
+
+    def flatten(t) -> list:
+        return [x for a in typing.get_args(t) for x in (flatten(a) if typing.get_args(a) else [a])]
+
+    accepted = {str(p) for p in flatten(_PRECISION_INPUT)}
+    if str(precision) not in accepted:
+        shown = ", ".join(p for p in sorted(accepted) if "-" in p and "engine" not in p)
+        raise UserError(f"trainer.precision={precision} is not a precision: use one of {shown}")
+
+
+def check_accelerator(accelerator: str) -> None:
+    """A GPU asked for where torch sees none: say so now, not after the data is built."""
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else "a CUDA build seeing no GPU"
+        raise UserError(
+            f"trainer.accelerator={accelerator} but torch {torch.__version__} is {build}: use "
+            "trainer=cpu (or trainer=ddp_cpu), or install a CUDA build of torch (README: GPU "
+            "machines)"
+        )
+    if accelerator == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
+        raise UserError("trainer.accelerator=mps but this machine has no MPS: use trainer=cpu")
 
 
 def build(cfg: DictConfig):
@@ -104,17 +138,23 @@ def train(cfg: DictConfig) -> dict:
     """Fit the model; return the run summary (what ``metrics.json`` holds)."""
     # the run directory is this run's alone: locked, never another run's (nanoforge.rundir)
     rundir.claim(cfg.paths.output_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
+    quiet_libraries()
+    check_config(cfg)  # before the data is read: a bad setting answers at once
     log.info(f"run directory: {cfg.paths.output_dir}")
     datamodule, module, trainer = build(cfg)
     n = module.model.num_params()
     log.info(
         f"GPT with {n / 1e6:.2f}M parameters, vocab {module.tokenizer.vocab_size}, "
-        f"{len(datamodule.train_ids):,} train / {len(datamodule.val_ids):,} val tokens"
+        f"{len(datamodule.train_ids):,} train / {len(datamodule.val_ids):,} val tokens, "
+        f"{trainer.max_steps:,} steps"
     )
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path:  # a clear error now for a foreign checkpoint, another model or other text
         tokenizer = module.tokenizer.state_dict()
-        check_resumable(ckpt_path, module.config.to_dict(), datamodule.state_dict(), tokenizer)
+        step = check_resumable(
+            ckpt_path, module.config.to_dict(), datamodule.state_dict(), tokenizer
+        )
+        log.info(f"resuming from {ckpt_path}" + (f" at step {step}" if step is not None else ""))
     # weights_only=True: resuming never unpickles code
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -122,9 +162,10 @@ def train(cfg: DictConfig) -> dict:
         stop = next(c for c in trainer.callbacks if isinstance(c, GracefulStop))
         _end(trainer, module, cfg, "stopped")
         if trainer.is_global_zero:
-            print(stop.resume_hint(trainer.global_step), file=sys.stderr, flush=True)
+            log.warning(stop.resume_hint(trainer.global_step))
         sys.exit(stop.exit_code)
     except NonFiniteLossError as e:
+        log.error(f"stopped: {e}")
         _end(trainer, module, cfg, "failed", str(e))
         raise
     return _end(trainer, module, cfg, "finished")

@@ -1,0 +1,194 @@
+"""What a training run prints, and what its ``train.log`` holds.
+
+The console of a default run is kept to what a person acts on, so the first step stays on a
+laptop screen: the run directory, one line for the model and data, the progress bar, one line
+per validation, and the end-of-run summary. ``train.log`` in the run directory gets the same
+lines with timestamps, plus Lightning's own INFO lines, so someone tailing a cluster job sees
+progress, the stop reason and the summary. The resolved config is saved in
+``RUN/.hydra/config.yaml`` (``print_config=true`` prints it as a tree too).
+
+- :class:`ConsoleHandler` writes log records above a live tqdm bar instead of through it.
+- :func:`quiet_libraries` makes Lightning's INFO lines appear once (it installs a console
+  handler of its own beside Hydra's), drops its "💡 Tip" adverts, and silences the one
+  library deprecation warning that is not ours to fix.
+- :class:`StepProgressBar` counts optimizer steps against ``trainer.max_steps``: the right
+  total, ETA and speed on a resumed run too; off where the output is not a terminal (a log
+  file would fill with carriage returns), where the per-validation lines carry the progress.
+- :class:`ProgressLog` writes those lines, plain ``key=value`` for scripts and grep:
+  ``step 500/2000: val/loss=1.9021 val/bpc=2.7441 train/loss=1.8876 (3.10 steps/s, ETA 8m04s)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+import warnings
+
+import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+from lightning.pytorch.utilities import rank_zero_only
+
+log = logging.getLogger("nanoforge")
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """Messages as they are (no timestamp, no logger name: train.log keeps those), written
+    with ``tqdm.write`` so a live progress bar is redrawn below the line rather than torn by
+    it. Warnings and errors go to ``errors`` (stderr by default), prefixed ``warning:``."""
+
+    def __init__(self, stream=None, errors=None):
+        super().__init__(stream)
+        self.errors = errors
+
+    def _target(self, record: logging.LogRecord):
+        if record.levelno < logging.WARNING:
+            return self.stream
+        return self.errors if self.errors is not None else sys.stderr
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            message = self.format(record)
+            if record.name == "py.warnings":  # "path:line: Category: text\n  source line"
+                first = message.splitlines()[0] if message else ""
+                message = re.sub(r"^.*?:\d+: \w*Warning: ", "", first)
+            if record.levelno >= logging.WARNING and not message.startswith(("warning", "error")):
+                message = f"{record.levelname.lower()}: {message}"
+            target = self._target(record)
+            tqdm.write(message, file=target)
+            target.flush()
+        except Exception:
+            self.handleError(record)
+
+
+class _NoAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_libraries() -> None:
+    """One line per library message, no adverts; call once the logging config is in place."""
+    import lightning
+
+    lightning_logger = logging.getLogger("lightning")
+    console = getattr(lightning, "_console", None)  # its own stderr handler, beside Hydra's
+    if console is not None and logging.getLogger().handlers:
+        lightning_logger.removeHandler(console)
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).propagate = True
+        for handler in list(logging.getLogger(name).handlers):
+            if type(handler) is logging.StreamHandler:
+                logging.getLogger(name).removeHandler(handler)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        rank_zero = logging.getLogger(name)
+        if not any(isinstance(f, _NoAdverts) for f in rank_zero.filters):
+            rank_zero.addFilter(_NoAdverts())
+    # Lightning 2.6 calls torch's deprecated `isinstance(x, LeafSpec)` (torch >= 2.9): theirs
+    # to change, nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # a resumed run saves into its own checkpoints/ by design; nanoforge.rundir already
+    # refuses a directory that holds another run's checkpoints
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # the warnings that remain reach train.log too, one line each (`warning: ...`)
+    logging.captureWarnings(True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar counting optimizer steps of the whole run: ``750/2000`` on a run
+    resumed at step 750, its speed and ETA from the steps this process ran (tqdm's
+    ``initial``). No nested validation bar (its cursor-up escapes garble the lines above).
+    Off when stdout is not a terminal: a log file would fill with carriage returns."""
+
+    def __init__(self, refresh_rate: int = 10, leave: bool = True, tty_only: bool = True):
+        super().__init__(refresh_rate=refresh_rate, leave=leave)
+        if tty_only and not sys.stdout.isatty():
+            self.disable()
+
+    def init_train_tqdm(self) -> Tqdm:
+        bar = super().init_train_tqdm()
+        bar.unit = "step"
+        return bar
+
+    def on_train_start(self, trainer, *_) -> None:
+        super().on_train_start(trainer)
+        self._count_steps(trainer)
+
+    def on_train_epoch_start(self, trainer, *_) -> None:  # not called on a mid-epoch resume
+        super().on_train_epoch_start(trainer)
+        self._count_steps(trainer)
+
+    def _count_steps(self, trainer) -> None:
+        if self.is_disabled:
+            return
+        bar = self.train_progress_bar
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        bar.reset(total=total)
+        step = trainer.global_step
+        bar.initial = bar.n = bar.last_print_n = step  # the rate counts this process's steps
+        bar.set_description("train")
+        bar.refresh()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.is_disabled:
+            return
+        step = trainer.global_step
+        if step % self.refresh_rate == 0 or step == trainer.max_steps:
+            bar = self.train_progress_bar
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            bar.refresh()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not self.is_disabled:
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+    def init_validation_tqdm(self) -> Tqdm:
+        if self.trainer.state.fn == "validate":  # a validate-only run keeps its bar
+            return super().init_validation_tqdm()
+        return Tqdm(disable=True)
+
+
+class ProgressLog(L.Callback):
+    """One log line per validation (console and train.log): the step out of the total, the
+    losses, this process's speed and the time left."""
+
+    def __init__(self):
+        self._t0: float | None = None
+        self._step0 = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._t0, self._step0 = time.perf_counter(), trainer.global_step
+
+    @rank_zero_only
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or self._t0 is None:
+            return
+        step, total = trainer.global_step, trainer.max_steps
+        m = trainer.callback_metrics
+        head = f"step {step}/{total}:" if total and total > 0 else f"step {step}:"
+        keys = ("val/loss", "val/bpc", "val/bpb", "train/loss")
+        parts = [head, *(f"{k}={float(m[k]):.4f}" for k in keys if k in m)]
+        elapsed, done = time.perf_counter() - self._t0, step - self._step0
+        if done > 0 and elapsed > 0:
+            rate = done / elapsed
+            eta = f", ETA {_duration((total - step) / rate)}" if total and total > step else ""
+            parts.append(f"({rate:.2f} steps/s{eta})")
+        log.info(" ".join(parts))
