@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
-from tests.conftest import ROOT, make_text, read_csv, run_dirs, run_entry
+from tests.conftest import ROOT, SRC, make_text, read_csv, run_dirs, run_entry
 
 pytestmark = pytest.mark.slow
 
@@ -122,3 +126,45 @@ def test_sweep_across_cpu_and_ddp_cpu(tmp_path):
     assert "trainer=cpu" in rows[0]["overrides"] and "trainer=ddp_cpu" in rows[1]["overrides"]
     # the DDP job's steps saw twice the tokens of the single-process job's
     assert int(rows[1]["tokens_seen"]) == 2 * int(rows[0]["tokens_seen"])
+
+
+def _popen(cwd: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(SRC / "train.py"), *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+    )
+
+
+def test_sigterm_and_nan_stop_every_rank_under_ddp(tmp_path):
+    """SIGTERM to the launching process: both ranks stop at the same step (Lightning's
+    per-step broadcast, no collective of ours), last.ckpt is saved, exit 143, and the run
+    resumes to its end. A NaN loss stops both ranks with the one-line error, exit 2."""
+    (tmp_path / "corpus.txt").write_text(make_text(30_000), encoding="utf-8")
+    common = [a for a in ARGS if "rank_probe" not in a and "max_steps" not in a]
+    proc = _popen(tmp_path, "trainer=ddp_cpu", *common, "trainer.max_steps=100000")
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("step 6/") or (not line and proc.poll() is not None):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    (run,) = run_dirs(tmp_path)
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] >= 6 and f"stopped at step {last['global_step']}" in err
+    assert json.loads((run / "metrics.json").read_text())["status"] == "stopped"
+    end = last["global_step"] + 3
+    r = run_entry("train.py", f"resume={run}", f"trainer.max_steps={end}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == end
+
+    r = run_entry(
+        "train.py", "trainer=ddp_cpu", *common, "trainer.max_steps=40", "optim.lr=1e30",
+        "trainer.log_every_n_steps=2", "hydra.run.dir=nan", cwd=tmp_path, timeout=240,
+    )  # fmt: skip
+    assert r.returncode == 2 and "error: the training loss became" in r.stderr, r.stderr[-3000:]

@@ -175,4 +175,26 @@ def test_a_nan_stop_is_recorded_as_failed_in_metrics_json(tmp_path):
         t.fit(PoisonedModule(poisoned={3}), train_dataloaders=data)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["status"] == "failed" and "became nan at step 3" in metrics["error"]
-    assert metrics["steps"] == 3
+    # noted on the device at step 3, read at the next check (logging interval or train end)
+    assert metrics["steps"] == t.global_step and 3 < t.global_step <= 12
+
+
+def test_the_nan_check_costs_no_sync_between_logging_intervals(monkeypatch, tmp_path):
+    """torch.isfinite(loss) -> bool would sync the device every step; the loss is only read
+    every trainer.log_every_n_steps steps (and before validations and checkpoints)."""
+    reads = []
+    module = PoisonedModule(poisoned=set())
+    original = GPTModule.check_finite
+
+    def counting(self):
+        reads.append(self.global_step)
+        return original(self)
+
+    monkeypatch.setattr(GPTModule, "check_finite", counting)
+    x = torch.randint(NAN_TOK.vocab_size, (2, 8))
+    data = torch.utils.data.DataLoader([(x, x)] * 100, batch_size=None)
+    t = trainer(tmp_path, 20, [])
+    t.log_every_n_steps = 5
+    t.fit(module, train_dataloaders=data)
+    # every 5th step, then before the final checkpoint and at the end of training
+    assert reads == [4, 9, 14, 19, 20, 20]

@@ -23,8 +23,9 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from nanoforge.errors import UserError
+from nanoforge.errors import NonFiniteLossError, UserError
 from nanoforge.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,7 @@ class RunSummary(L.Callback):
         self._write(trainer, pl_module, "finished")
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if isinstance(exception, StopRequested):  # a graceful stop is a resumable end
+        if isinstance(exception, SIGTERMException):  # a graceful stop is a resumable end
             self._write(trainer, pl_module, "stopped")
         elif isinstance(exception, UserError):  # NaN loss, full disk: say so in the record
             self._write(trainer, pl_module, "failed", str(exception))
@@ -270,27 +271,24 @@ class ValidateAtEnd(L.Callback):
             trainer.should_stop = True
 
 
-class StopRequested(Exception):
-    """Raised by :class:`GracefulStop` to leave ``trainer.fit`` at once, with the training
-    state saved; ``training.train`` turns it into the resume hint and exit code 143/130."""
-
-
 class GracefulStop(L.Callback):
     """SIGTERM (what SLURM and `kill` send) or Ctrl-C: save ``checkpoints/last.ckpt`` and stop
     within one training step or one validation batch, with no validation on the way out.
 
-    Lightning's own SIGTERM handling would, with our endless training stream, either wait for
-    an epoch end that never comes or exit with code 0 from inside validation, and asking it to
-    stop (``Trainer.should_stop``) runs one more validation first. So this callback installs
-    its own handlers for the length of training and, on every rank at the same point:
+    Lightning's own SIGTERM handling does the stopping: its handler sets
+    ``trainer.received_sigterm``, its training loop checks it after every step (under DDP
+    through the one-tensor broadcast it does each step anyway, so every rank stops at the same
+    step) and its validation loop after every batch, raising ``SIGTERMException``. This
+    callback adds only what a resumable stop needs:
 
-    - during a training step: saves after the step, then leaves ``fit`` (:class:`StopRequested`);
-    - during a validation: saves at the next validation batch the state training had before
-      the validation began (weights and optimizer do not change during validation; only the
-      loop counters do, and those are taken from before it), then leaves ``fit``.
-
-    The loggers are flushed and ``metrics.json`` written on the way out. A second Ctrl-C
-    interrupts at once.
+    - Ctrl-C takes the same path (SIGINT sets the same flag; a second Ctrl-C aborts at once),
+      instead of a KeyboardInterrupt in the middle of a step;
+    - the save: on the way out (``on_exception``) every rank saves the full training state;
+      stopped inside a validation, the checkpoint holds the loop state from before the
+      validation began (weights and optimizer do not change during validation; only the loop
+      counters do), so a resume repeats nothing and skips nothing;
+    - the exit code (143 for SIGTERM, 130 for Ctrl-C) and the resume hint, which
+      ``training.train`` prints after ``metrics.json`` is written.
     """
 
     EXIT_CODES: ClassVar[dict[str, int]] = {"SIGTERM": 143, "SIGINT": 130}
@@ -314,6 +312,7 @@ class GracefulStop(L.Callback):
                 launcher = trainer.strategy.launcher  # forward to DDP child processes
                 if launcher is not None and hasattr(launcher, "kill") and name == "SIGTERM":
                     launcher.kill(signum)
+            trainer._signal_connector.received_sigterm = True  # Lightning stops the loops
 
         return handle
 
@@ -324,38 +323,9 @@ class GracefulStop(L.Callback):
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handler(trainer))
 
-    def _requested(self, trainer) -> bool:
-        stop = self.signal is not None
-        if trainer.world_size > 1:  # stop on every rank at the same point, or DDP deadlocks
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if stop:
-            self.signal = self.signal or "SIGTERM"
-        return stop
-
-    def _save_and_stop(self, trainer) -> None:
-        ckpt_cb = trainer.checkpoint_callback
-        folder = self.output_dir / "checkpoints"
-        if ckpt_cb is not None and ckpt_cb.dirpath:
-            folder = Path(ckpt_cb.dirpath)
-        self.saved = folder / "last.ckpt"
-        if trainer.is_global_zero:  # train.log too: the signal handler itself only prints
-            log.warning(f"{self.signal}: saving {self.saved} at step {trainer.global_step}")
-        trainer.save_checkpoint(self.saved, weights_only=False)  # the full training state
-        raise StopRequested(self.signal)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._requested(trainer):
-            self._save_and_stop(trainer)
-
     def on_validation_start(self, trainer, pl_module) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
             self._loops_before_validation = copy.deepcopy(trainer.fit_loop.state_dict())
-
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        fitting = trainer.state.fn == "fit" and not trainer.sanity_checking
-        if fitting and self._loops_before_validation is not None and self._requested(trainer):
-            self._saving_mid_validation = True
-            self._save_and_stop(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self._loops_before_validation = None
@@ -374,12 +344,32 @@ class GracefulStop(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._restore_handlers()
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return
+        self.signal = self.signal or "SIGTERM"  # a DDP rank stopped by rank 0's broadcast
+        folder = self.output_dir / "checkpoints"
+        ckpt_cb = trainer.checkpoint_callback
+        if ckpt_cb is not None and ckpt_cb.dirpath:
+            folder = Path(ckpt_cb.dirpath)
+        self._saving_mid_validation = self._loops_before_validation is not None
+        if trainer.is_global_zero:  # train.log too: the signal handler itself only prints
+            log.warning(
+                f"{self.signal}: saving {folder / 'last.ckpt'} at step {trainer.global_step}"
+            )
+        try:
+            trainer.save_checkpoint(folder / "last.ckpt", weights_only=False)
+        except NonFiniteLossError as e:  # the weights took a NaN step: keep the last good file
+            log.error(f"not saved: {e}")
+            return
+        self.saved = folder / "last.ckpt"
 
     @property
     def exit_code(self) -> int:
         return self.EXIT_CODES.get(self.signal or "", 0)
 
     def resume_hint(self, step: int) -> str:
+        if self.saved is None:
+            return f"{self.signal} received: stopped at step {step}; nothing was saved."
         return (
             f"{self.signal} received: stopped at step {step} and saved {self.saved}. "
             f"Resume with: python src/train.py resume={self.output_dir}"

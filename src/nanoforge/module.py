@@ -61,6 +61,10 @@ class GPTModule(L.LightningModule):
         # a NaN/inf loss stops training, unless skipping such batches was asked for
         self.skip_nonfinite = skip_nonfinite
         self.skipped_batches = 0
+        # the first non-finite loss (step, value), kept on the device: noting it costs no
+        # host-device sync; it is read at the logging interval and before every checkpoint
+        self._bad_step: torch.Tensor | None = None
+        self._bad_value: torch.Tensor | None = None
 
     def configure_model(self) -> None:
         if self.compile and self._forward is self.model:
@@ -72,21 +76,54 @@ class GPTModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         _, loss = self(x, y)
-        if not torch.isfinite(loss):
-            if not self.skip_nonfinite:
-                raise NonFiniteLossError(
-                    f"the training loss became {loss.item()} at step {self.global_step}; "
-                    f"training stopped ({self._checkpoint_kept()}). Lower optim.lr, "
-                    "keep trainer.gradient_clip_val on, or set skip_nonfinite_loss=true to "
-                    "skip such batches."
-                )
-            self.skipped_batches += 1
-            self.log("train/skipped_batches", float(self.skipped_batches))
-            return None  # no backward: the optimizer step that follows updates nothing
+        if self.skip_nonfinite:  # deciding to skip needs the value now: one sync per step
+            if not torch.isfinite(loss):
+                self.skipped_batches += 1
+                self.log("train/skipped_batches", float(self.skipped_batches))
+                return None  # no backward: the optimizer step that follows updates nothing
+        else:
+            self._note_nonfinite(loss)
+            if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+                self.check_finite()
         self.log("train/loss", loss, prog_bar=True)
         # the LR applied by this step's update (one tag, whatever the number of param groups)
         self.log("lr", self.optimizers().param_groups[0]["lr"])
         return loss
+
+    def _note_nonfinite(self, loss: torch.Tensor) -> None:
+        """Remember the first non-finite loss, on the device (no sync)."""
+        loss = loss.detach().float()
+        if self._bad_step is None or self._bad_step.device != loss.device:
+            self._bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._bad_value = torch.zeros((), device=loss.device)
+        first = ~torch.isfinite(loss) & (self._bad_step < 0)
+        self._bad_step = torch.where(first, self.global_step, self._bad_step)
+        self._bad_value = torch.where(first, loss, self._bad_value)
+
+    def check_finite(self) -> None:
+        """Stop with :class:`NonFiniteLossError` if a loss since the last check was NaN/inf.
+
+        One host-device sync; called every ``trainer.log_every_n_steps`` steps, before every
+        validation and before every checkpoint is written (so none holds weights trained on
+        a NaN).
+        Between two checks the weights may have taken a few NaN steps: the checkpoint on disk
+        is from before them.
+        """
+        if self._bad_step is None or int(self._bad_step) < 0:
+            return
+        raise NonFiniteLossError(
+            f"the training loss became {float(self._bad_value)} at step {int(self._bad_step)}; "
+            f"training stopped ({self._checkpoint_kept()}). Lower optim.lr, "
+            "keep trainer.gradient_clip_val on, or set skip_nonfinite_loss=true to "
+            "skip such batches."
+        )
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self.check_finite()  # before validation: its checkpoint must hold good weights
+
+    def on_train_end(self) -> None:
+        self.check_finite()
 
     def _checkpoint_kept(self) -> str:
         ckpt = self.trainer.checkpoint_callback
@@ -111,6 +148,7 @@ class GPTModule(L.LightningModule):
 
     # --- exact resume: the global RNG (dropout) travels in the checkpoint -----------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_finite()  # a checkpoint never holds weights trained on a NaN loss
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()

@@ -18,10 +18,11 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from nanoforge import rundir
-from nanoforge.callbacks import GracefulStop, RunSummary, StopRequested, end_of_run
+from nanoforge.callbacks import GracefulStop, RunSummary, end_of_run
 from nanoforge.checkpoint import check_resumable, config_differences, load_model
 from nanoforge.console import quiet_libraries
 from nanoforge.errors import NonFiniteLossError, UserError, find_user_error
@@ -158,7 +159,7 @@ def train(cfg: DictConfig) -> dict:
     # weights_only=True: resuming never unpickles code
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    except StopRequested:  # SIGTERM / Ctrl-C: saved, flushed; say how to resume
+    except SIGTERMException:  # SIGTERM / Ctrl-C: saved, flushed; say how to resume
         stop = next(c for c in trainer.callbacks if isinstance(c, GracefulStop))
         _end(trainer, module, cfg, "stopped")
         if trainer.is_global_zero:
