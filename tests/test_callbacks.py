@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 
-from nanoforge.callbacks import end_of_run
+from nanoforge.callbacks import TokenThroughput, device_peak_flops, end_of_run
 
 
 def test_metrics_json(tiny_run):
@@ -27,6 +28,8 @@ def test_metrics_json(tiny_run):
     assert m["history"][-1]["val/loss"] == m["val/loss"]
     assert m["best/val/loss"] == min(h["val/loss"] for h in m["history"])
     assert m["num_params"] > 0 and m["wall_seconds"] > 0 and m["train_tokens_per_sec"] > 0
+    # how well the hardware was used: on a CPU the peak is a matmul measured at start
+    assert 0 < m["mfu"] < 1 and m["peak_flops"] > 1e8 and m["peak_memory_mb"] > 50
 
 
 def test_samples_txt(tiny_run):
@@ -64,3 +67,30 @@ def test_end_of_run_says_how_it_ended_where_it_went_and_what_to_run_next(tmp_pat
     assert lines[0].startswith("run stopped: 2,000 steps") and "val/loss —" in lines[1]
     assert "  python src/train.py resume=logs/train/runs/r1" in lines
     assert not any(line.startswith("  best ") for line in lines)
+
+
+def test_mfu_counts_every_rank_against_every_device(monkeypatch):
+    """MFU = tokens/s (all ranks) x FLOPs per token / (peak per device x world size)."""
+    import torch
+
+    logged = {}
+    module = SimpleNamespace(
+        device=torch.device("cpu"),
+        model=SimpleNamespace(flops_per_token=lambda: 1_000),
+        log=lambda key, value: logged.__setitem__(key, value),
+    )
+    trainer = SimpleNamespace(world_size=2, precision="32-true", log_every_n_steps=2)
+    thr = TokenThroughput(peak_flops=1e6)  # per device (trainer.peak_flops=1e6)
+    thr.on_fit_start(trainer, module)
+    clock = iter([0.0, 1.0])  # the window opens at 0 s and closes at 1 s
+    monkeypatch.setattr("time.perf_counter", lambda: next(clock))
+    batch = (torch.zeros(4, 8, dtype=torch.long),)
+    thr.on_train_batch_start(trainer, module, batch, 0)
+    for step in (1, 2):
+        trainer.global_step = step
+        thr.on_train_batch_end(trainer, module, None, batch, 0)
+    tokens_per_sec = 2 * (4 * 8) * 2  # 2 steps x batch tokens x 2 ranks, in 1 s
+    assert logged["throughput/tokens_per_sec"] == tokens_per_sec
+    assert logged["throughput/mfu"] == pytest.approx(tokens_per_sec * 1_000 / (1e6 * 2))
+    assert logged["memory/peak_mb"] > 0
+    assert device_peak_flops(torch.device("cpu")) > 1e8  # measured, cached per thread count

@@ -68,6 +68,7 @@ def test_tensorboard_events_hold_scalars_and_text(trained_run):
     acc = EventAccumulator(str(tb_dir(trained_run)), size_guidance={"tensors": 0}).Reload()
     scalars = set(acc.Tags()["scalars"])
     assert {"train/loss", "val/loss", "val/bpc", "lr", "throughput/tokens_per_sec"} <= scalars
+    assert {"throughput/mfu", "memory/peak_mb"} <= scalars
     assert "epoch" not in scalars and "hp_metric" not in scalars
     # the run is named by its overrides in TensorBoard's run selector, settings in HPARAMS
     assert tb_dir(trained_run).name.startswith("model=tiny,trainer.max_steps=40,")

@@ -91,31 +91,77 @@ class TextSamples(L.Callback):
 
 
 class TokenThroughput(L.Callback):
-    """Logs ``throughput/tokens_per_sec``: training tokens (all ranks) per wall second,
-    averaged over the steps since the last log, with validation time excluded."""
+    """Logs how fast training runs and how well it uses the hardware, every
+    ``trainer.log_every_n_steps`` steps (validation time excluded):
 
-    def __init__(self):
+    - ``throughput/tokens_per_sec``: training tokens of all ranks per wall second;
+    - ``throughput/mfu``: model FLOPs utilisation, ``tokens/s x FLOPs per token`` (6N + 12LdT,
+      ``GPT.flops_per_token``) over the peak of all the devices: Lightning's peak-FLOPs
+      table for the GPU and precision (``get_available_flops``), ``trainer.peak_flops=`` (per
+      device) to override, and on a CPU, which has no table, the FLOP/s of a large float32
+      matmul measured at start (logged as ``throughput/peak_flops``);
+    - ``memory/peak_mb``: CUDA's max allocated memory, or the process's peak RSS on a CPU.
+
+    The clock is read only at those steps (with one device sync on a GPU, where Lightning's
+    own logging syncs anyway), so timing costs the step nothing.
+    """
+
+    def __init__(self, peak_flops: float | None = None):
         self.tokens = 0  # since fit start, all ranks
         self.train_seconds = 0.0
-        self._t0: float | None = None
+        self.peak_flops = peak_flops  # per device; None: from Lightning's table, or measured
+        self.flops_per_token = 0
+        self.world_size = 1
+        self.mfu: float | None = None
+        self._window_start: float | None = None
         self._window_tokens = 0
-        self._window_seconds = 0.0
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.flops_per_token = pl_module.model.flops_per_token()
+        self.world_size = trainer.world_size
+        if self.peak_flops is None:
+            self.peak_flops = device_peak_flops(pl_module.device, str(trainer.precision))
+
+    def _now(self, device: torch.device) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._t0 = time.perf_counter()
+        if self._window_start is None:
+            self._window_start = self._now(pl_module.device)
+
+    def _close_window(self, pl_module) -> float:
+        seconds = 0.0
+        if self._window_start is not None:
+            seconds = self._now(pl_module.device) - self._window_start
+            self.train_seconds += seconds
+        self._window_start = None
+        return seconds
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit":  # the clock stops for validation
+            self._pending_seconds = getattr(self, "_pending_seconds", 0.0)
+            self._pending_seconds += self._close_window(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._t0 is None:
-            return
-        dt = time.perf_counter() - self._t0
         n = batch[0].numel() * trainer.world_size
         self.tokens += n
-        self.train_seconds += dt
         self._window_tokens += n
-        self._window_seconds += dt
-        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0 and self._window_seconds:
-            pl_module.log("throughput/tokens_per_sec", self._window_tokens / self._window_seconds)
-            self._window_tokens, self._window_seconds = 0, 0.0
+        if trainer.global_step % max(1, trainer.log_every_n_steps) != 0:
+            return
+        seconds = self._close_window(pl_module) + getattr(self, "_pending_seconds", 0.0)
+        self._pending_seconds = 0.0
+        if seconds <= 0:
+            return
+        rate = self._window_tokens / seconds
+        self._window_tokens = 0
+        pl_module.log("throughput/tokens_per_sec", rate)
+        if self.peak_flops:
+            self.mfu = rate * self.flops_per_token / (self.peak_flops * self.world_size)
+            pl_module.log("throughput/mfu", self.mfu)
+            pl_module.log("throughput/peak_flops", float(self.peak_flops))
+        pl_module.log("memory/peak_mb", peak_memory_mb(pl_module.device))
 
     @property
     def tokens_per_sec(self) -> float:
@@ -128,6 +174,44 @@ class TokenThroughput(L.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.tokens = int(state_dict.get("tokens", 0))
         self.train_seconds = float(state_dict.get("train_seconds", 0.0))
+
+
+_MEASURED_PEAK: dict[str, float] = {}
+
+
+def device_peak_flops(device: torch.device, precision: str = "32-true") -> float | None:
+    """Peak FLOP/s of one device: Lightning's table for GPUs; on a CPU, measured once per
+    process as the best of a few 1024x1024 float32 matmuls on the threads torch uses."""
+    if device.type == "cuda":
+        from lightning.fabric.utilities.throughput import get_available_flops
+
+        dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(
+            precision.split("-")[0], torch.float32
+        )
+        return get_available_flops(device, dtype)
+    if device.type != "cpu":
+        return None
+    key = f"cpu/{torch.get_num_threads()}"
+    if key not in _MEASURED_PEAK:
+        n = 1024
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        best = math.inf
+        for _ in range(4):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+        _MEASURED_PEAK[key] = 2 * n**3 / best
+    return _MEASURED_PEAK[key]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA's max allocated memory on a GPU; this process's peak resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux (bytes on macOS)
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
 class RunSummary(L.Callback):
@@ -187,6 +271,9 @@ class RunSummary(L.Callback):
             "num_params": pl_module.model.num_params(),
             "wall_seconds": self._earlier_seconds + time.perf_counter() - self._start,
             "train_tokens_per_sec": thr.tokens_per_sec if thr else None,
+            "mfu": thr.mfu if thr else None,
+            "peak_flops": thr.peak_flops if thr else None,
+            "peak_memory_mb": peak_memory_mb(pl_module.device),
             "history": self.history,
         }
 

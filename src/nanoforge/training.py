@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from nanoforge import rundir
-from nanoforge.callbacks import GracefulStop, RunSummary, end_of_run
+from nanoforge.callbacks import GracefulStop, RunSummary, TokenThroughput, end_of_run
 from nanoforge.checkpoint import check_resumable, config_differences, load_model
 from nanoforge.console import quiet_libraries
 from nanoforge.errors import NonFiniteLossError, UserError, find_user_error
@@ -131,7 +131,14 @@ def build(cfg: DictConfig):
     if not cfg.trainer.get("enable_progress_bar", True):  # one switch turns the bar off
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBarBase)]
     loggers = _instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = build_object(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    peak_flops = cfg.trainer.get("peak_flops")  # ours, not a Trainer argument
+    for c in callbacks:
+        if isinstance(c, TokenThroughput) and peak_flops:
+            c.peak_flops = float(peak_flops)
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg.pop("peak_flops", None)
+    trainer_cfg = OmegaConf.create(trainer_cfg)
+    trainer: L.Trainer = build_object(trainer_cfg, callbacks=callbacks, logger=loggers or False)
     return datamodule, module, trainer
 
 
