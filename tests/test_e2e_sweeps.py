@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from nanoforge import report
-from tests.conftest import make_text, read_csv, run_entry
+from tests.conftest import SRC, make_text, read_csv, run_entry
 
 pytestmark = pytest.mark.slow
 
@@ -158,3 +160,30 @@ def test_submitit_local_executor_runs_a_job(workdir):
     assert list((sweep / ".submitit").glob("*/*_submitted.pkl"))  # it went through submitit
     (row,) = read_csv(sweep / "report.csv")
     assert row["status"] == "ok" and math.isfinite(float(row["val_loss"]))
+
+
+def test_an_optuna_study_is_kept_continued_and_shared_by_two_sweeps(workdir):
+    """The study lives in logs/optuna.db: a second run of the same search continues it
+    (trial numbers go on), and two sweep processes at once on one study lose no trial and
+    run none twice; the report shows the whole study."""
+    args = [sys.executable, str(SRC / "train.py"), "hparams_search=optuna"]
+    args += ["hydra.sweeper.n_trials=1", "optim.lr=choice(0.001,0.002,0.003)", *FAST]
+    first = run_entry(*args[1:], cwd=workdir, timeout=240)
+    assert first.returncode == 0, first.stderr[-3000:]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    procs = [
+        subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-3000:]
+    import optuna
+
+    study = optuna.load_study(study_name="train", storage=f"sqlite:///{workdir}/logs/optuna.db")
+    trials = study.get_trials()
+    assert sorted(t.number for t in trials) == [0, 1, 2]  # none lost, none run twice
+    assert all(t.state.name == "COMPLETE" and math.isfinite(t.value) for t in trials)
+    newest = sweep_dirs(workdir)[-1]
+    assert "## The whole study: `train`" in (newest / "report.md").read_text()
+    assert "3 trials in sqlite:///" in (newest / "report.md").read_text()

@@ -68,9 +68,20 @@ def register_resolvers() -> None:
     # `${parallel_jobs:}`: jobs at once under hydra/launcher=parallel (GPUs, else cores)
     if not OmegaConf.has_resolver("parallel_jobs"):
         OmegaConf.register_new_resolver("parallel_jobs", parallel_jobs, use_cache=True)
+    # `${sqlite_url:PATH}`: a SQLite URL for PATH, its folder created (the Optuna study)
+    if not OmegaConf.has_resolver("sqlite_url"):
+        OmegaConf.register_new_resolver("sqlite_url", sqlite_url)
     # `${experiments_help:}`: the experiments and their first comment line, for --help
     if not OmegaConf.has_resolver("experiments_help"):
         OmegaConf.register_new_resolver("experiments_help", experiments_help)
+
+
+def sqlite_url(path: str) -> str:
+    """``sqlite:///ABS_PATH`` for a database file, its folder created (SQLite creates the
+    file, not the folders above it)."""
+    p = Path(path).expanduser().resolve()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{p}"
 
 
 def experiments_help(folder: Path = EXPERIMENTS_DIR) -> str:

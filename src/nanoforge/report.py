@@ -31,6 +31,7 @@ from nanoforge.errors import UserError
 from nanoforge.io import atomic_write_bytes, read_json
 
 STATUS_FILE = "job_status.json"
+STUDY_FILE = "optuna_study.json"  # an Optuna search's whole study (nanoforge.sweep)
 CSV_FIELDS = [
     "job",
     "status",
@@ -180,8 +181,36 @@ def markdown(rows: list[JobRow], sweep_dir: Path) -> str:
     if ok:
         best = min(ok, key=lambda r: r.metric("val/loss"))
         lines += ["", f"Best: job {best.job}, val/loss {best.metric('val/loss'):.4f}."]
-    lines += ["", "![val loss per step and final loss per parameter count](report.png)", ""]
+    lines += ["", "![val loss per step and final loss per swept key](report.png)", ""]
+    lines += study_markdown(read_json(sweep_dir / STUDY_FILE))
     return "\n".join(lines)
+
+
+def study_markdown(study: dict | None) -> list[str]:
+    """The whole Optuna study (this sweep and every earlier run of the same search)."""
+    if not study or not study.get("trials"):
+        return []
+    trials = study["trials"]
+    done = [t for t in trials if t["state"] == "COMPLETE" and t["value"] is not None]
+    states = {}
+    for t in trials:
+        states[t["state"].lower()] = states.get(t["state"].lower(), 0) + 1
+    lines = [
+        f"## The whole study: `{study['study_name']}`",
+        "",
+        f"{len(trials)} trials in {study['storage']}: "
+        + ", ".join(f"{n} {s}" for s, n in states.items())
+        + ".",
+    ]
+    if done:
+        best = min(done, key=lambda t: t["value"])
+        params = " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in best["params"].items()
+        )
+        lines.append(f"Best: trial {best['number']}, value {best['value']:.4f}, `{params}`.")
+    lines.append("")
+    return lines
 
 
 def to_csv(rows: list[JobRow], sweep_dir: Path) -> str:

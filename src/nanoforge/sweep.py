@@ -40,7 +40,7 @@ from nanoforge import hydra_setup
 from nanoforge.errors import UserError
 from nanoforge.hydra_setup import cpu_cores, gpu_count, launcher_rank
 from nanoforge.io import atomic_write_bytes
-from nanoforge.report import STATUS_FILE, write_report
+from nanoforge.report import STATUS_FILE, STUDY_FILE, write_report
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +208,25 @@ class JobEnvironment(Callback):
             os.environ["PYTHONPATH"] = os.pathsep.join([src, *paths])
 
 
+def study_source(config: DictConfig) -> tuple[str, str] | None:
+    """(storage URL, study name) of an Optuna search that keeps its study; else None."""
+    sweeper = config.hydra.get("sweeper") or {}
+    storage = sweeper.get("storage") if "optuna" in str(sweeper.get("_target_", "")) else None
+    return (str(storage), str(sweeper.get("study_name"))) if storage else None
+
+
+def summarize_study(storage: str, study_name: str) -> dict[str, Any]:
+    """Every trial of the study, for the report: number, state, value, parameters."""
+    import optuna
+
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    trials = [
+        {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params}
+        for t in study.get_trials(deepcopy=False)
+    ]
+    return {"study_name": study_name, "storage": storage, "trials": trials}
+
+
 class SweepReport(Callback):
     """Hydra callback: keeps ``report.*`` of a multirun up to date.
 
@@ -237,6 +256,13 @@ class SweepReport(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        source = study_source(config)
+        if source is not None:  # the whole Optuna study, earlier runs of the search included
+            try:
+                summary = summarize_study(*source)
+                atomic_write_bytes(sweep_dir / STUDY_FILE, json.dumps(summary).encode())
+            except Exception as e:  # a report must never break the sweep it describes
+                log.warning(f"could not read the Optuna study {source[1]}: {e}")
         paths = self._write(sweep_dir)
         if paths:
             log.info(f"sweep report: {paths['md']} (+ .csv, .png)")
