@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help install train test test-fast lint format tensorboard runs clean bench
+.PHONY: help install train test test-cluster test-fast lint format tensorboard runs clean bench
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -19,7 +19,10 @@ train:  ## train with the default config; extra overrides: make train ARGS="mode
 	$(PYTHON) src/train.py $(ARGS)
 
 test:  ## the full test suite, end-to-end runs included (offline; CI runs this)
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -m "not multinode"
+
+test-cluster:  ## the cluster tests: two torchrun/Lightning "nodes" on 127.0.0.1
+	$(PYTHON) -m pytest -m multinode
 
 test-fast:  ## the unit tests only, no end-to-end subprocess runs (the edit loop)
 	$(PYTHON) -m pytest -m "not slow"

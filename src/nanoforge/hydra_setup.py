@@ -53,18 +53,52 @@ def parallel_jobs() -> int:
 
 
 def launcher_rank() -> int:
-    """This process's global rank as its launcher set it (torchrun, SLURM, Lightning's DDP
-    launcher for ranks > 0); 0 for a process nobody launched as a rank."""
-    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
+    """Non-zero in any process that is not global rank 0 as its launcher set it up: torchrun
+    (RANK), SLURM (SLURM_PROCID), a node other than the first (NODE_RANK, GROUP_RANK), or
+    Lightning's DDP launcher for local ranks > 0 (LOCAL_RANK); 0 for a process nobody
+    launched as a rank. (The value is the first non-zero of those, not always the global rank.)"""
+    for key in ("RANK", "SLURM_PROCID", "NODE_RANK", "GROUP_RANK", "LOCAL_RANK"):
+        value = os.environ.get(key, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
     return 0
+
+
+def run_stamp() -> str:
+    """The run directory's name: ``<time>_<pid>``; under torchrun with ``--rdzv-id=ID``, the
+    ID, so the processes of every node (started at other times, with other pids) agree."""
+    import datetime
+
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if run_id != "none":
+        return run_id
+    return f"{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}_{os.getpid()}"
+
+
+def rank_suffix() -> str:
+    """The log-file suffix of a process that shares rank 0's run directory: ``_rank<R>`` for
+    rank R > 0 of torchrun or srun, ``_node<N>`` for node N > 0 started with Lightning's
+    NODE_RANK. (Lightning's DDP launcher names its own children's logs.)"""
+    env = os.environ
+    key = "SLURM_PROCID" if "SLURM_PROCID" in env else "RANK"
+    if "TORCHELASTIC_RUN_ID" in env or key == "SLURM_PROCID":
+        rank = env.get(key, "")
+        return f"_rank{rank}" if rank.isdigit() and int(rank) > 0 else ""
+    node = env.get("NODE_RANK", "")
+    if "LOCAL_RANK" not in env and node.isdigit() and int(node) > 0:
+        return f"_node{node}"
+    return ""
 
 
 def register_resolvers() -> None:
     # `${pid:}` makes run directories unique even for runs started in the same second
     if not OmegaConf.has_resolver("pid"):
         OmegaConf.register_new_resolver("pid", lambda: os.getpid(), use_cache=True)
+    # `${run_stamp:}`: <time>_<pid>, or torchrun's --rdzv-id (the same on every node)
+    if not OmegaConf.has_resolver("run_stamp"):
+        OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
+    if not OmegaConf.has_resolver("rank_suffix"):
+        OmegaConf.register_new_resolver("rank_suffix", rank_suffix, use_cache=True)
     # `${parallel_jobs:}`: jobs at once under hydra/launcher=parallel (GPUs, else cores)
     if not OmegaConf.has_resolver("parallel_jobs"):
         OmegaConf.register_new_resolver("parallel_jobs", parallel_jobs, use_cache=True)

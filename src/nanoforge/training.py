@@ -142,8 +142,29 @@ def build(cfg: DictConfig):
     return datamodule, module, trainer
 
 
+def check_torchrun_run_dir(cfg: DictConfig) -> None:
+    """Every process of a torchrun job must write into one run directory: without
+    ``--rdzv-id`` (the directory's name) or the same ``hydra.run.dir``, each would make its own."""
+    import os
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if os.environ.get("TORCHELASTIC_RUN_ID") != "none" or int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        return
+    given = HydraConfig.initialized() and any(
+        o.startswith("hydra.run.dir=") for o in HydraConfig.get().overrides.hydra
+    )
+    if not given:
+        raise UserError(
+            "torchrun started this job's processes without --rdzv-id, so each would write its "
+            "own run directory: pass --rdzv-id=NAME to torchrun on every node (the run goes to "
+            "logs/train/runs/NAME), or the same hydra.run.dir=DIR to every node"
+        )
+
+
 def train(cfg: DictConfig) -> dict:
     """Fit the model; return the run summary (what ``metrics.json`` holds)."""
+    check_torchrun_run_dir(cfg)
     # the run directory is this run's alone: locked, never another run's (nanoforge.rundir)
     rundir.claim(cfg.paths.output_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
     quiet_libraries()
