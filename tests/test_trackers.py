@@ -179,3 +179,23 @@ def test_wandb_offline_gets_history_config_and_samples_and_a_resume_continues_it
     assert [h["trainer/global_step"] for h in rows if "val/loss" in h] == [2, 4, 6]
     # the samples before the resume travel in the checkpoint: the table still has them all
     assert [h["samples/nrows"] for h in rows if "samples/_type" in h] == [1, 2, 3]
+
+
+def test_mlflow_marks_a_run_stopped_by_a_signal_killed_and_a_crashed_one_failed(tmp_path):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("sqlalchemy")
+    from nanoforge.callbacks import StopRequested
+    from nanoforge.trackers import MLflow
+
+    def status_after(error: Exception) -> str:
+        run_dir = tmp_path / type(error).__name__
+        logger = MLflow(str(run_dir), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+        run_id = logger.run_id  # the run exists from the first use on
+        try:
+            raise error
+        except Exception:
+            logger.finalize("failed")  # what Lightning does when fit ends in an exception
+        return logger.experiment.get_run(run_id).info.status
+
+    assert status_after(StopRequested("SIGTERM")) == "KILLED"  # resumable: resume=RUN_DIR
+    assert status_after(RuntimeError("boom")) == "FAILED"

@@ -16,6 +16,7 @@ Lightning's ``MLFlowLogger`` and ``WandbLogger`` do the logging; what they get h
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -88,6 +89,23 @@ def _params(params: Any) -> dict:
     return _flatten_dict(params)
 
 
+@contextlib.contextmanager
+def store_lock(tracking_uri: str):
+    """Hold ``<db>.lock`` (a SQLite store's) while the store may be created or an experiment
+    added: parallel sweep jobs starting on a new store otherwise race in MLflow's schema
+    migration or in creating the same experiment (both fail with a traceback)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock_path = Path(tracking_uri.removeprefix("sqlite:///") + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def _stopped_by_signal() -> bool:
     """True inside Lightning's exception handling of a graceful stop (SIGTERM / Ctrl-C)."""
     from nanoforge.callbacks import StopRequested
@@ -119,29 +137,29 @@ class MLflow(MLFlowLogger):
             require("alembic", "mlflow", "mlflow")
             # "Creating initial MLflow database tables": once per log root, not news
             logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-            db = tracking_uri.removeprefix("sqlite:///")
-            Path(db).parent.mkdir(parents=True, exist_ok=True)
         self.run_dir = Path(run_dir)
         # continue the recorded run only when this run resumes from a checkpoint
         run_id = recorded(run_dir, "mlflow").get("run_id") if resume_from else None
         self.resumed = run_id is not None
         tags = {**(tags or {}), "run_dir": str(self.run_dir)}
-        super().__init__(
-            experiment_name=experiment_name,
-            run_name=run_name or default_run_name(run_dir),
-            tracking_uri=tracking_uri,
-            tags=tags,
-            artifact_location=artifact_location,
-            run_id=run_id,
-            **kwargs,
-        )
+        with store_lock(tracking_uri):
+            super().__init__(
+                experiment_name=experiment_name,
+                run_name=run_name or default_run_name(run_dir),
+                tracking_uri=tracking_uri,
+                tags=tags,
+                artifact_location=artifact_location,
+                run_id=run_id,
+                **kwargs,
+            )
 
     @property
     @rank_zero_experiment
     def experiment(self):
         first = not self._initialized
         if first and self._run_id is None and self._experiment_id is None:
-            self._experiment_id = self._find_or_create_experiment()
+            with store_lock(self._tracking_uri):
+                self._experiment_id = self._find_or_create_experiment()
         client = super().experiment
         if first:
             record(self.run_dir, "mlflow", run_id=self._run_id, tracking_uri=self._tracking_uri)
