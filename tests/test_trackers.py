@@ -9,6 +9,7 @@ writes a SQLite store under the log root, W&B an offline run in the run director
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import sys
 from pathlib import Path
@@ -41,6 +42,26 @@ def resumed(root: Path, text_file: Path, *overrides: str):
     return tiny(root, text_file, "trainer.max_steps=6", f"ckpt_path={last}", *overrides)
 
 
+@pytest.fixture(scope="module")
+def migrated_store(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store, migrated once (MLflow's schema migration takes seconds);
+    tests copy it to where their runs expect ``mlflow.db``."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("sqlalchemy")
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+def store(migrated_store: Path, folder: Path) -> str:
+    """A fresh copy of the migrated store as ``folder/mlflow.db``; its tracking URI."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(migrated_store, folder / "mlflow.db")
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
 def test_logger_configs_combine_with_tensorboard():
     from .conftest import compose
 
@@ -63,12 +84,11 @@ def test_a_missing_package_is_one_line_naming_the_extra(
 
 
 def test_mlflow_gets_params_metrics_and_samples_and_a_resume_continues_its_run(
-    tmp_path, text_file, one_thread
+    tmp_path, text_file, one_thread, migrated_store
 ):
-    pytest.importorskip("mlflow")
-    pytest.importorskip("sqlalchemy")
     from mlflow.tracking import MlflowClient
 
+    store(migrated_store, tmp_path / "logs")
     train(tiny(tmp_path, text_file, "logger=[tensorboard,mlflow]"))
     run_dir = tmp_path / "run"
     record = json.loads((run_dir / "trackers.json").read_text())["mlflow"]
@@ -181,15 +201,17 @@ def test_wandb_offline_gets_history_config_and_samples_and_a_resume_continues_it
     assert [h["samples/nrows"] for h in rows if "samples/_type" in h] == [1, 2, 3]
 
 
-def test_mlflow_marks_a_run_stopped_by_a_signal_killed_and_a_crashed_one_failed(tmp_path):
-    pytest.importorskip("mlflow")
-    pytest.importorskip("sqlalchemy")
+def test_mlflow_marks_a_run_stopped_by_a_signal_killed_and_a_crashed_one_failed(
+    tmp_path, migrated_store
+):
     from nanoforge.callbacks import StopRequested
     from nanoforge.trackers import MLflow
 
+    uri = store(migrated_store, tmp_path)
+
     def status_after(error: Exception) -> str:
         run_dir = tmp_path / type(error).__name__
-        logger = MLflow(str(run_dir), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+        logger = MLflow(str(run_dir), tracking_uri=uri)
         run_id = logger.run_id  # the run exists from the first use on
         try:
             raise error
