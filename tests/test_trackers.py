@@ -172,7 +172,7 @@ def test_wandb_offline_gets_history_config_and_samples_and_a_resume_continues_it
         if r.WhichOneof("record_type") == "config"
         for i in r.config.update
     }
-    assert config["model/n_layer"] == 2 and config["optim/lr"] == 0.001
+    assert config["model"]["n_layer"] == 2 and config["optim"]["lr"] == 0.001  # nested
     assert "overrides" in config and not any(k.startswith("tokenizer") for k in config)
 
     def history(records) -> list[dict]:

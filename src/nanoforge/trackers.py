@@ -79,14 +79,15 @@ def record(run_dir: str | Path, tracker: str, **values: Any) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
-def _params(params: Any) -> dict:
-    """Lightning's hyperparameters (module + datamodule), flattened, without the tokenizer
-    (its vocabulary is data, not a setting), plus the run's overrides."""
+def _params(params: Any, flat: bool = True) -> dict:
+    """Lightning's hyperparameters (module + datamodule) without the tokenizer (its vocabulary
+    is data, not a setting), plus the run's overrides; ``flat``: ``{"model/n_layer": 6}``
+    (MLflow's flat params), else nested (W&B's config)."""
     from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 
     params = {k: v for k, v in (_convert_params(params) or {}).items() if k != "tokenizer"}
     params["overrides"] = " ".join(overrides()) or "none"
-    return _flatten_dict(params)
+    return _flatten_dict(params) if flat else params
 
 
 @contextlib.contextmanager
@@ -259,7 +260,7 @@ class Wandb(WandbLogger):
 
     @rank_zero_only
     def log_hyperparams(self, params, *args, **kwargs) -> None:
-        super().log_hyperparams(_params(params))
+        super().log_hyperparams(_params(params, flat=False))  # wandb.config.model.n_layer
 
     @rank_zero_only
     def log_metrics(self, metrics, step=None) -> None:
