@@ -12,6 +12,7 @@ import json
 import shutil
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -190,6 +191,9 @@ def test_wandb_offline_gets_history_config_and_samples_and_a_resume_continues_it
     table = json.loads((files / tables[-1]["samples/path"]).read_text())
     assert table["columns"] == ["step", "text"] and [r[0] for r in table["data"]] == [2, 4]
 
+    # wandb names an offline run folder by the second it starts (and the id): a resume within
+    # the same second, which only a test is fast enough for, would write into the first one
+    time.sleep(1.1)
     train(resumed(tmp_path, text_file, "logger=[tensorboard,wandb]", "tags=[smoke]"))
     assert json.loads((run_dir / "trackers.json").read_text())["wandb"]["id"] == run_id
     later = wandb_records(run_dir)
