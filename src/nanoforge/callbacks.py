@@ -32,10 +32,13 @@ log = logging.getLogger(__name__)
 
 
 class TextSamples(L.Callback):
-    """At every validation: generate from a fixed prompt with a fixed seed, add the text to
-    TensorBoard (tag ``samples``, indexed by step) and append it to ``samples.txt``.
+    """At every validation: generate from a fixed prompt with a fixed seed, append the text to
+    ``samples.txt`` and hand it to each tracker the way it shows text: TensorBoard's Text tab
+    (tag ``samples``, indexed by step); MLflow and W&B through their ``log_samples``
+    (``nanoforge.trackers``: a text artifact per step, a Table of every sample so far).
 
-    Sampling uses its own ``torch.Generator``, so it never disturbs the training RNG.
+    Sampling uses its own ``torch.Generator``, so it never disturbs the training RNG. The
+    samples so far travel in the checkpoint, so a resumed run's W&B table keeps them all.
     """
 
     def __init__(
@@ -50,6 +53,13 @@ class TextSamples(L.Callback):
         self.output_dir = Path(output_dir)
         self.prompt, self.max_new_tokens = prompt, max_new_tokens
         self.temperature, self.top_k, self.seed = temperature, top_k, seed
+        self.samples: list[tuple[int, str]] = []  # (step, text), every validation so far
+
+    def state_dict(self) -> dict:
+        return {"samples": [[step, text] for step, text in self.samples]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.samples = [(int(step), str(text)) for step, text in state_dict.get("samples", [])]
 
     def on_fit_start(self, trainer, pl_module) -> None:
         unknown = pl_module.tokenizer.unknown_chars(self.prompt)
@@ -65,10 +75,13 @@ class TextSamples(L.Callback):
             return
         text = self.sample(pl_module)
         step = trainer.global_step
+        self.samples = [s for s in self.samples if s[0] < step] + [(step, text)]
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 # markdown code block keeps line breaks and spacing in TensorBoard's text tab
                 logger.experiment.add_text("samples", f"```\n{text}\n```", global_step=step)
+            elif hasattr(logger, "log_samples"):  # MLflow, W&B (nanoforge.trackers)
+                logger.log_samples(self.samples)
         if not trainer.fast_dev_run:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with open(self.output_dir / "samples.txt", "a", encoding="utf-8") as f:

@@ -43,6 +43,8 @@ RUN_OUTPUTS = (
     "checkpoints",
     "tensorboard",
     "csv",
+    "wandb",
+    "trackers.json",  # the MLflow / W&B run ids (nanoforge.trackers)
     "samples.txt",
     "metrics.json",
     "eval.json",
