@@ -35,7 +35,7 @@ class TextSamples(L.Callback):
     """At every validation: generate from a fixed prompt with a fixed seed, append the text to
     ``samples.txt`` and hand it to each tracker the way it shows text: TensorBoard's Text tab
     (tag ``samples``, indexed by step); MLflow and W&B through their ``log_samples``
-    (``nanoforge.trackers``: a text artifact per step, a Table of every sample so far).
+    (``nanoforge.loggers``: a text artifact per step, a Table of every sample so far).
 
     Sampling uses its own ``torch.Generator``, so it never disturbs the training RNG. The
     samples so far travel in the checkpoint, so a resumed run's W&B table keeps them all.
@@ -80,7 +80,7 @@ class TextSamples(L.Callback):
             if isinstance(logger, TensorBoardLogger):
                 # markdown code block keeps line breaks and spacing in TensorBoard's text tab
                 logger.experiment.add_text("samples", f"```\n{text}\n```", global_step=step)
-            elif hasattr(logger, "log_samples"):  # MLflow, W&B (nanoforge.trackers)
+            elif hasattr(logger, "log_samples"):  # MLflow, W&B (nanoforge.loggers)
                 logger.log_samples(self.samples)
         if not trainer.fast_dev_run:
             self.output_dir.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ RUN_OUTPUTS = (
     "tensorboard",
     "csv",
     "wandb",
-    "trackers.json",  # the MLflow / W&B run ids (nanoforge.trackers)
+    "trackers.json",  # the MLflow / W&B run ids (nanoforge.loggers)
     "samples.txt",
     "metrics.json",
     "eval.json",

@@ -60,7 +60,21 @@ def check_config(cfg: DictConfig) -> None:
     if isinstance(vci, int) and vci <= 0:
         raise UserError(f"trainer.val_check_interval must be > 0 steps, got {vci}")
     check_precision(cfg.trainer.get("precision", 32))
+    check_trackers(cfg.get("logger"))
     check_accelerator(str(cfg.trainer.get("accelerator", "auto")))
+
+
+def check_trackers(loggers: DictConfig | None) -> None:
+    """An optional tracker's package missing: the one line naming the extra, before the data."""
+    from nanoforge.loggers import require
+
+    needs = {"nanoforge.loggers.MLflow": "mlflow", "nanoforge.loggers.Wandb": "wandb"}
+    for entry in (loggers or {}).values():
+        package = (
+            needs.get(str(entry.get("_target_", ""))) if isinstance(entry, DictConfig) else None
+        )
+        if package:
+            require(package, package, package)
 
 
 def check_precision(precision) -> None:
