@@ -211,3 +211,12 @@ def test_resume_is_refused_for_another_model_or_other_text(tiny_run):
         check_resumable(last, model, other)
     with pytest.raises(UserError, match="other text"):
         check_resumable(last, model, {**data, "split": 0.2})
+
+
+def test_a_sharded_fsdp_checkpoint_says_how_to_make_it_one_file(tmp_path):
+    shards = tmp_path / "last.ckpt"
+    shards.mkdir()
+    (shards / ".metadata").write_bytes(b"")  # what torch.distributed.checkpoint writes
+    (shards / "__0_0.distcp").write_bytes(b"")
+    with pytest.raises(UserError, match="sharded FSDP checkpoint.*consolidate_checkpoint"):
+        resolve_checkpoint(shards)

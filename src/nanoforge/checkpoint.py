@@ -34,6 +34,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise UserError(
             f"checkpoint {str(p)!r} does not exist: pass a .ckpt file or a run directory"
         )
+    if p.is_dir() and (p / ".metadata").is_file():  # torch.distributed.checkpoint's shards
+        raise UserError(
+            f"{str(p)!r} is a sharded FSDP checkpoint (one file per rank): make it one file "
+            f"with: python -m lightning.pytorch.utilities.consolidate_checkpoint {p}"
+        )
     if p.is_dir():
         for candidate in (
             p / "checkpoints" / "best.ckpt",

@@ -93,6 +93,9 @@ def quiet_libraries() -> None:
     # a resumed run saves into its own checkpoints/ by design; nanoforge.rundir already
     # refuses a directory that holds another run's checkpoints
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # Lightning's hint on any machine with SLURM's tools installed, for a run it was not asked
+    # to run under SLURM (hydra/launcher=slurm is how nanoforge submits)
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system")
     # the warnings that remain reach train.log too, one line each (`warning: ...`)
     logging.captureWarnings(True)
 

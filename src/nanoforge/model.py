@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from nanoforge.errors import UserError
 
@@ -47,6 +48,9 @@ class GPTConfig:
     qk_norm: bool = False  # RMS-normalise queries and keys per head before attention
     zero_init: bool = False  # output projections (and an untied head) start at zero
     tie_head: bool = True  # the LM head shares the token embedding's weights
+    # recompute each block's activations in the backward pass instead of keeping them
+    # (non-reentrant torch.utils.checkpoint): less memory, ~1/3 more compute; same gradients
+    activation_checkpointing: bool = False
 
     def __post_init__(self):
         checks = [
@@ -331,8 +335,12 @@ class GPT(nn.Module):
         else:
             rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
         x = self.drop(x)
+        recompute = self.config.activation_checkpointing and self.training and cache is None
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i, rope)
+            if recompute and torch.is_grad_enabled():
+                x = checkpoint(block, x, None, i, rope, use_reentrant=False)
+            else:
+                x = block(x, cache, i, rope)
         logits = self.lm_head(self.ln_f(x))
         loss = None
         if targets is not None:
