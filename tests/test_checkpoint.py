@@ -22,13 +22,13 @@ import pytest
 import torch
 
 from nanoforge.checkpoint import (
-    AtomicCheckpointIO,
     check_resumable,
     config_differences,
     load_model,
     recorded_data,
     resolve_checkpoint,
 )
+from nanoforge.checkpoint_io import AtomicCheckpointIO
 from nanoforge.errors import UserError
 from tests.conftest import SRC
 
@@ -131,7 +131,7 @@ WRITER = textwrap.dedent(
     """
     import sys, torch
     sys.path.insert(0, {src!r})
-    from nanoforge.checkpoint import AtomicCheckpointIO
+    from nanoforge.checkpoint_io import AtomicCheckpointIO
     io = AtomicCheckpointIO()
     i = 0
     print("ready", flush=True)

@@ -69,3 +69,18 @@ def test_every_module_imports_in_a_fresh_interpreter_and_the_glue_imports_no_tor
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_generate_never_imports_lightning(tiny_run):
+    """generate.py needs a checkpoint, the GPT and the tokenizer: importing Lightning would
+    cost it ~3 s of start-up (torch._dynamo through lightning.fabric, torchmetrics, scipy)."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['generate.py', 'ckpt={tiny_run}', 'max_new_tokens=5', 'prompt=a']\n"
+        f"runpy.run_path({str(SRC / 'generate.py')!r}, run_name='__main__')\n"
+        "print('loaded:', sorted({m.split('.')[0] for m in sys.modules} & {'lightning', "
+        "'pytorch_lightning', 'torchmetrics'}))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "loaded: []" in r.stdout, r.stdout

@@ -4,6 +4,8 @@ Entry points catch :class:`UserError`, print its message (which names the proble
 fix) and exit non-zero without a traceback. Anything else is a bug and keeps its traceback.
 """
 
+import sys
+
 
 class UserError(Exception):
     """A problem the user can fix: bad config, missing data, a foreign checkpoint, ..."""
@@ -16,12 +18,16 @@ class NonFiniteLossError(UserError):
 def find_user_error(exc: BaseException | None) -> BaseException | None:
     """The user-fixable error behind ``exc``, following ``raise ... from`` chains (Hydra's
     ``instantiate`` wraps exceptions raised by the objects it builds). Lightning's
-    ``MisconfigurationException`` counts too: it names a bad trainer setting."""
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    ``MisconfigurationException`` counts too: it names a bad trainer setting. (Looked up only
+    where Lightning is loaded: ``generate.py`` never imports it, and must not for an error.)"""
+    lightning_errors = sys.modules.get("lightning.fabric.utilities.exceptions")
+    kinds = (UserError,)
+    if lightning_errors is not None:
+        kinds = (UserError, lightning_errors.MisconfigurationException)
 
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, UserError | MisconfigurationException):
+        if isinstance(exc, kinds):
             return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from nanoforge.checkpoint import load_model, recorded_data, resolve_checkpoint
-from nanoforge.data import TextDataModule
 from nanoforge.errors import UserError
 from nanoforge.io import atomic_write_bytes
 from nanoforge.sampling import check_sampling_args
@@ -139,6 +138,8 @@ def evaluation_data(ckpt: dict, data_cfg: DictConfig | None, tokenizer, block_si
             "data=text data.path=FILE"
         )
     args = {**recorded, **chosen, "block_size": block_size}
+    from nanoforge.data import TextDataModule  # Lightning: only eval.py needs it, not generate.py
+
     return TextDataModule(**args, tokenizer=tokenizer)
 
 
