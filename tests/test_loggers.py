@@ -188,7 +188,21 @@ def test_mlflow_gets_params_metrics_and_samples_and_a_resume_continues_its_run(
     assert len(client.search_runs([experiment.experiment_id])) == 2
 
 
-def wandb_records(run_dir: Path) -> list:
+def wandb_records(run_dir: Path, runs: int = 1, timeout: float = 30.0) -> list:
+    """The records of the offline W&B runs in ``run_dir``, once ``runs`` run records are there:
+    wandb's service process may still be flushing its log when ``finish()`` has returned."""
+    deadline, before = time.time() + timeout, -1
+    while True:
+        records = _wandb_records(run_dir)
+        found = sum(r.WhichOneof("record_type") == "run" for r in records)
+        settled = len(records) == before  # nothing more written in the last 0.3 s
+        if (found >= runs and settled) or time.time() > deadline:
+            return records
+        before = len(records)
+        time.sleep(0.3)
+
+
+def _wandb_records(run_dir: Path) -> list:
     """The protobuf records of the offline W&B runs in ``run_dir`` (``wandb sync`` uploads
     these), read from their LevelDB-style log (wandb 0.31 has no Python reader of its own)."""
     from wandb.proto import wandb_internal_pb2 as pb
@@ -257,7 +271,7 @@ def test_wandb_offline_gets_history_config_and_samples_and_a_resume_continues_it
     time.sleep(1.1)
     train(resumed(tmp_path, text_file, "logger=[tensorboard,wandb]", "tags=[smoke]"))
     assert json.loads((run_dir / "trackers.json").read_text())["wandb"]["id"] == run_id
-    later = wandb_records(run_dir)
+    later = wandb_records(run_dir, runs=2)
     runs = [r.run for r in later if r.WhichOneof("record_type") == "run"]
     assert [r.run_id for r in runs] == [run_id, run_id]  # two offline pieces of one W&B run
     rows = history(later)
