@@ -128,6 +128,7 @@ class TokenThroughput(L.Callback):
         self.mfu: float | None = None
         self._window_start: float | None = None
         self._window_tokens = 0
+        self._pending_seconds = 0.0  # training time before a validation, not yet logged
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.flops_per_token = pl_module.model.flops_per_token()
@@ -154,7 +155,6 @@ class TokenThroughput(L.Callback):
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if trainer.state.fn == "fit":  # the clock stops for validation
-            self._pending_seconds = getattr(self, "_pending_seconds", 0.0)
             self._pending_seconds += self._close_window(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -163,7 +163,7 @@ class TokenThroughput(L.Callback):
         self._window_tokens += n
         if trainer.global_step % max(1, trainer.log_every_n_steps) != 0:
             return
-        seconds = self._close_window(pl_module) + getattr(self, "_pending_seconds", 0.0)
+        seconds = self._close_window(pl_module) + self._pending_seconds
         self._pending_seconds = 0.0
         if seconds <= 0:
             return
