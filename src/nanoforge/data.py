@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from nanoforge.corpora import load_corpus
 from nanoforge.errors import UserError
 from nanoforge.io import atomic_write_bytes
-from nanoforge.tokenizer import CharTokenizer
+from nanoforge.tokenizer import TOKENIZER_KINDS, BPETokenizer, CharTokenizer, Tokenizer
 
 _SPLIT_IDS = {"train": 0, "val": 1}
 
@@ -120,6 +120,17 @@ def encode_cached(
     return tok, ids
 
 
+def text_chunks(text: str, size: int = 1 << 20):
+    """``text`` in pieces of about ``size`` characters, cut after a newline (for BPE training,
+    which counts words per piece in parallel)."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start + size)
+        end = len(text) if end < 0 else end + 1
+        yield text[start:end]
+        start = end
+
+
 class TextDataModule(L.LightningDataModule):
     """Any corpus as char-level next-token windows. See the module docstring for the flow.
 
@@ -131,6 +142,8 @@ class TextDataModule(L.LightningDataModule):
         self,
         corpus: str = "shakespeare",
         path: str | None = None,
+        tokenizer_kind: str = "char",
+        vocab_size: int | None = None,
         block_size: int = 64,
         batch_size: int = 12,
         val_fraction: float = 0.1,
@@ -138,9 +151,19 @@ class TextDataModule(L.LightningDataModule):
         cache_dir: str | None = "data/cache",
         num_workers: int = 0,
         seed: int = 1337,
-        tokenizer: CharTokenizer | None = None,
+        tokenizer: Tokenizer | None = None,
     ):
         super().__init__()
+        if tokenizer_kind not in TOKENIZER_KINDS:
+            raise UserError(
+                f"tokenizer={tokenizer_kind!r} is not a tokenizer: choose "
+                f"{' or '.join(TOKENIZER_KINDS)} (tokenizer=bpe tokenizer.vocab_size=N)"
+            )
+        if tokenizer_kind == "bpe" and (vocab_size is None or int(vocab_size) < 257):
+            raise UserError(
+                f"tokenizer=bpe needs tokenizer.vocab_size >= 257 (256 bytes + merges), got "
+                f"{vocab_size}. Use e.g. tokenizer.vocab_size=4096."
+            )
         if block_size < 1:
             raise UserError(f"model.block_size must be >= 1, got {block_size}")
         if batch_size < 1:
@@ -156,6 +179,8 @@ class TextDataModule(L.LightningDataModule):
             {
                 "corpus": corpus,
                 "path": str(Path(path).expanduser().resolve()) if path else None,
+                "tokenizer_kind": tokenizer_kind,
+                "vocab_size": int(vocab_size) if tokenizer_kind == "bpe" else None,
                 "block_size": block_size,
                 "batch_size": batch_size,
                 "val_fraction": val_fraction,
@@ -166,10 +191,12 @@ class TextDataModule(L.LightningDataModule):
             }
         )
         self.corpus, self.path, self.cache_dir = corpus, path, cache_dir
+        self.tokenizer_kind = tokenizer_kind
+        self.vocab_size = int(vocab_size) if tokenizer_kind == "bpe" else None
         self.block_size, self.batch_size = block_size, batch_size
         self.val_fraction, self.val_batches = val_fraction, val_batches
         self.num_workers, self.seed = num_workers, seed
-        self.tokenizer: CharTokenizer | None = tokenizer
+        self.tokenizer: Tokenizer | None = tokenizer
         self.train_ids: torch.Tensor | None = None
         self.val_ids: torch.Tensor | None = None
         self.text_sha256: str | None = None
@@ -180,15 +207,22 @@ class TextDataModule(L.LightningDataModule):
             return
         text = load_corpus(self.corpus, self.path, self.cache_dir)
         self.text_sha256 = text_sha256(text)
-        if self.tokenizer is None:
+        # the split is a character offset: the last val_fraction of the text is validation
+        n_chars = int(len(text) * (1 - self.val_fraction))
+        if self.tokenizer is None and self.tokenizer_kind == "char":
             tok, ids = encode_cached(text, self.cache_dir, self.text_sha256)
+            train, val = ids[:n_chars], ids[n_chars:]
         else:
-            tok, ids = self.tokenizer, self.tokenizer.encode(text)
-        n_train = int(len(ids) * (1 - self.val_fraction))
+            tok = self.tokenizer
+            if tok is None:  # BPE merges are learned from the training split only
+                tok = BPETokenizer.train(text_chunks(text[:n_chars]), self.vocab_size)
+            train, val = tok.encode(text[:n_chars]), tok.encode(text[n_chars:])
+        ids = np.concatenate([train, val])
+        n_train = len(train)
         for split, n in (("train", n_train), ("val", len(ids) - n_train)):
             if stage in (None, "fit") and n < self.block_size + 1:
                 raise UserError(
-                    f"the corpus has {len(ids)} characters: its {split} split ({n}) is shorter "
+                    f"the corpus has {len(ids)} tokens: its {split} split ({n}) is shorter "
                     f"than block_size + 1 = {self.block_size + 1}. Use a longer corpus or a "
                     "smaller model.block_size."
                 )

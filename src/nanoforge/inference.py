@@ -66,12 +66,19 @@ def generate(cfg: DictConfig, out=sys.stdout) -> list[str]:
     )
     if cfg.num_samples == 1:  # stream token by token
         out.write(prompt)
-        pieces = []
+        pieces, pending = [], []
         for nxt in steps:
-            piece = tok.decode(nxt.tolist())
+            pending.extend(nxt.tolist())
+            piece = tok.decode(pending)
+            if piece.endswith("\ufffd"):  # a BPE token cut a UTF-8 character: wait for the rest
+                continue
             pieces.append(piece)
+            pending = []
             out.write(piece)
             out.flush()
+        if pending:
+            pieces.append(tok.decode(pending))
+            out.write(pieces[-1])
         out.write("\n")
         return [prompt + "".join(pieces)]
     ids = torch.stack(list(steps), dim=1).tolist()

@@ -19,7 +19,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from nanoforge.errors import NonFiniteLossError, UserError
 from nanoforge.model import GPT, GPTConfig
 from nanoforge.optim import OptimConfig, configure_optimizer
-from nanoforge.tokenizer import CharTokenizer
+from nanoforge.tokenizer import tokenizer_from_state
 
 LN2 = math.log(2.0)
 
@@ -49,7 +49,7 @@ class GPTModule(L.LightningModule):
         )
         self.config = GPTConfig.from_dict(dict(model))
         self.optim_config = OptimConfig(**dict(optim))
-        self.tokenizer = CharTokenizer.from_state_dict(dict(tokenizer))
+        self.tokenizer = tokenizer_from_state(dict(tokenizer))
         if self.tokenizer.vocab_size != self.config.vocab_size:
             raise ValueError("model.vocab_size must equal the tokenizer's vocab_size")
         self.model = GPT(self.config)
