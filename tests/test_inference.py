@@ -110,6 +110,12 @@ def test_evaluate_ids_scores_every_token_once():
     assert res["bpc"] == pytest.approx(res["loss"] / math.log(2))
     assert res["perplexity"] == pytest.approx(math.exp(res["loss"]))
     assert evaluate_ids(model, ids, batch_size=7) == pytest.approx(res)  # batching is invisible
+    # bits per byte: the bytes are those of the scored tokens (every id but the first)
+    token_bytes = torch.tensor([1, 2, 1, 3, 1, 4, 1])
+    with_bytes = evaluate_ids(model, ids, batch_size=2, token_bytes=token_bytes)
+    nbytes = int(token_bytes[ids[1:]].sum())
+    assert with_bytes["bytes"] == nbytes
+    assert with_bytes["bpb"] == pytest.approx(res["loss"] * 22 / nbytes / math.log(2))
 
 
 def test_evaluation_data_is_the_recorded_text_unless_another_is_given(tiny_run, tmp_path):
@@ -139,6 +145,7 @@ def test_eval_is_deterministic_and_writes_eval_json(tiny_run):
     saved = json.loads((tiny_run / "eval.json").read_text())
     best = torch.load(tiny_run / "checkpoints" / "best.ckpt", weights_only=True)
     assert saved["loss"] == a["loss"] and saved["step"] == best["global_step"]
+    assert saved["bpb"] == pytest.approx(saved["bpc"])  # ASCII text: a byte per character
 
 
 def test_eval_other_text_and_unencodable_text(tiny_run, tmp_path):

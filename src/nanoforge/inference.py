@@ -91,7 +91,9 @@ def generate(cfg: DictConfig, out=sys.stdout) -> list[str]:
 
 # --------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate_ids(model, ids: torch.Tensor, batch_size: int = 32) -> dict:
+def evaluate_ids(
+    model, ids: torch.Tensor, batch_size: int = 32, token_bytes: torch.Tensor | None = None
+) -> dict:
     """Mean next-token loss over every token of ``ids`` (but the first), each scored once.
 
     Non-overlapping windows of ``block_size`` inputs tile the sequence; the last window may be
@@ -121,7 +123,11 @@ def evaluate_ids(model, ids: torch.Tensor, batch_size: int = 32) -> dict:
         total += F.cross_entropy(logits[0].float(), window[0, 1:], reduction="sum").item()
         count += window.size(1) - 1
     loss = total / count
-    return {"loss": loss, "bpc": loss / math.log(2), "perplexity": math.exp(loss), "tokens": count}
+    result = {"loss": loss, "bpc": loss / math.log(2), "perplexity": math.exp(loss)}
+    if token_bytes is not None:  # bits per UTF-8 byte of the scored text
+        nbytes = int(token_bytes[ids[1:]].sum())
+        result.update({"bpb": total / nbytes / math.log(2), "bytes": nbytes})
+    return {**result, "tokens": count}
 
 
 def evaluation_data(ckpt: dict, data_cfg: DictConfig | None, tokenizer, block_size: int):
@@ -146,7 +152,10 @@ def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
     model, tok, ckpt = load_model(ckpt_path, device)
     data = evaluation_data(ckpt, cfg.get("data"), tok, model.config.block_size)
     data.setup("validate")  # unseen characters: a clear UserError
-    result = evaluate_ids(model, data.val_ids, cfg.batch_size)
+    token_bytes = torch.from_numpy(tok.token_bytes())
+    result = evaluate_ids(model, data.val_ids, cfg.batch_size, token_bytes)
+    if tok.kind != "char":  # per token is not per character
+        result.pop("bpc")
     result.update(
         {
             "checkpoint": str(ckpt_path.resolve()),
@@ -157,8 +166,10 @@ def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
         }
     )
     out.write(
-        f"val/loss={result['loss']:.4f} val/bpc={result['bpc']:.4f} "
-        f"perplexity={result['perplexity']:.3f} over {result['tokens']:,} tokens\n"
+        f"val/loss={result['loss']:.4f} "
+        + (f"val/bpc={result['bpc']:.4f} " if "bpc" in result else "")
+        + f"val/bpb={result['bpb']:.4f} perplexity={result['perplexity']:.3f} "
+        f"over {result['tokens']:,} tokens\n"
     )
     if cfg.output:
         target = Path(cfg.output)

@@ -2,7 +2,8 @@
 the loss; step 7: training).
 
 Lightning owns the loop (devices, precision, accumulation, clipping, checkpoints). This file
-owns what is specific to language modelling: the next-token loss, bits per character, exact
+owns what is specific to language modelling: the next-token loss, bits per character and
+per byte, exact
 resume of the random state, and the hook that hands Lightning the optimizer and its per-step
 schedule, which ``nanoforge.optim`` builds from ``cfg.optim``.
 """
@@ -58,6 +59,9 @@ class GPTModule(L.LightningModule):
         # a NaN/inf loss stops training, unless skipping such batches was asked for
         self.skip_nonfinite = skip_nonfinite
         self.skipped_batches = 0
+        # UTF-8 bytes per token id: bits per byte compares runs whatever their tokenizer
+        self.token_bytes = torch.from_numpy(self.tokenizer.token_bytes())
+        self._val_sums = torch.zeros(2, dtype=torch.float64)  # nats, bytes
 
     def configure_model(self) -> None:
         if self.compile and self._forward is self.model:
@@ -92,13 +96,27 @@ class GPTModule(L.LightningModule):
             return f"the last good checkpoint, {saved}, is kept"
         return "no checkpoint had been saved yet"
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+
     def validation_step(self, batch, batch_idx):
         x, y = batch
         _, loss = self(x, y)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("val/bpc", loss / LN2, sync_dist=True)
+        if self.tokenizer.kind == "char":  # per token = per character
+            self.log("val/bpc", loss / LN2, sync_dist=True)
+        nbytes = self.token_bytes.to(y.device)[y].sum()
+        self._val_sums += torch.stack([loss.detach().double() * y.numel(), nbytes.double()])
+
+    def val_bpb(self) -> float:
+        """Bits per UTF-8 byte of the validation batches seen since the epoch started (over
+        every rank): ``val/loss * tokens / bytes / ln 2``."""
+        sums = self.trainer.strategy.reduce(self._val_sums.clone(), reduce_op="sum")
+        return float(sums[0] / sums[1] / LN2)
 
     def on_validation_epoch_end(self) -> None:
+        bpb = self.val_bpb()
+        self.log("val/bpb", bpb, sync_dist=False)  # reduced over ranks already
         if self.trainer.sanity_checking:
             return
         # Lightning's reserved `step` key: validation scalars land at the number of optimizer
@@ -107,10 +125,10 @@ class GPTModule(L.LightningModule):
         m = self.trainer.callback_metrics
         if "val/loss" in m:
             # one plain line per validation: readable in CI logs and by scripts
-            line = (
-                f"step {self.global_step}: val/loss={float(m['val/loss']):.4f} "
-                f"val/bpc={float(m['val/bpc']):.4f}"
-            )
+            line = f"step {self.global_step}: val/loss={float(m['val/loss']):.4f} "
+            if "val/bpc" in m:
+                line += f"val/bpc={float(m['val/bpc']):.4f} "
+            line += f"val/bpb={bpb:.4f}"
             self.print(line)  # rank zero only, through the progress bar (no garbled lines)
 
     # --- exact resume: the global RNG (dropout) travels in the checkpoint -----------------

@@ -42,6 +42,8 @@ class Tokenizer(Protocol):
 
     def unknown_chars(self, text: str) -> list[str]: ...
 
+    def token_bytes(self) -> np.ndarray: ...
+
     def state_dict(self) -> dict: ...
 
 
@@ -93,6 +95,10 @@ class CharTokenizer:
                 "Remove them from the text, or train on a corpus that contains them."
             )
         return ids_clipped.astype(np.int64)
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes of each token (for bits per byte)."""
+        return np.array([len(c.encode("utf-8")) for c in self.chars], dtype=np.int64)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Token ids -> text."""
@@ -194,6 +200,20 @@ class BPETokenizer:
         """Many texts at once, in parallel threads (the Rust side releases the GIL)."""
         encs = self._tok.encode_batch(texts, add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int64) for e in encs]
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes of each token (for bits per byte). In a byte-level vocabulary each
+        character of a token's string stands for one byte."""
+        from tokenizers import pre_tokenizers
+
+        alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+            if set(token) <= alphabet:
+                out[i] = len(token)
+            else:  # an added token (e.g. <|endoftext|>) or a foreign vocabulary
+                out[i] = len(self._tok.decode([i], skip_special_tokens=False).encode("utf-8"))
+        return out
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Token ids -> text (a cut inside a multi-byte character shows as U+FFFD)."""
