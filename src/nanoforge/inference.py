@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -153,7 +154,8 @@ def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
     data = evaluation_data(ckpt, cfg.get("data"), tok, model.config.block_size)
     data.setup("validate")  # unseen characters: a clear UserError
     token_bytes = torch.from_numpy(tok.token_bytes())
-    result = evaluate_ids(model, data.val_ids, cfg.batch_size, token_bytes)
+    val = torch.from_numpy(np.asarray(data.val_ids, dtype=np.int64))
+    result = evaluate_ids(model, val, cfg.batch_size, token_bytes)
     if tok.kind != "char":  # per token is not per character
         result.pop("bpc")
     result.update(

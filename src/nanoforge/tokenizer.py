@@ -64,6 +64,10 @@ class CharTokenizer:
         self.stoi: dict[str, int] = {c: i for i, c in enumerate(chars)}
         # code points, sorted (same order as chars), for vectorised encoding
         self._codepoints = np.array([ord(c) for c in chars], dtype=np.uint32)
+        self._ascii_table = np.full(128, -1, dtype=np.int64)  # code point -> id, -1: unknown
+        for i, c in enumerate(chars):
+            if ord(c) < 128:
+                self._ascii_table[ord(c)] = i
 
     @classmethod
     def from_text(cls, text: str) -> CharTokenizer:
@@ -82,6 +86,10 @@ class CharTokenizer:
         """Text -> array of token ids (int64). Raises :class:`UserError` on unseen characters."""
         if not text:
             return np.zeros(0, dtype=np.int64)
+        if text.isascii():  # the common case: one table lookup per byte
+            ids = self._ascii_table[np.frombuffer(text.encode("ascii"), dtype=np.uint8)]
+            if ids.min() >= 0:
+                return ids
         cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         ids = np.searchsorted(self._codepoints, cps)
         ids_clipped = np.minimum(ids, len(self._codepoints) - 1)
