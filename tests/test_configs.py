@@ -10,7 +10,17 @@ from omegaconf import OmegaConf
 from nanoforge.model import Block
 from tests.conftest import CONFIGS, ROOT, compose
 
-GROUPS = ["model", "data", "tokenizer", "optim", "trainer", "callbacks", "logger", "debug", "hparams_search"]
+GROUPS = [
+    "model",
+    "data",
+    "tokenizer",
+    "optim",
+    "trainer",
+    "callbacks",
+    "logger",
+    "debug",
+    "hparams_search",
+]
 
 
 def options(group: str) -> list[str]:
