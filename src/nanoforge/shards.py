@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 CHUNK_CHARS = 8 << 20
+BPE_CHUNK_CHARS, BPE_BATCH = 1 << 16, 64  # BPE encodes 64 pieces of 64k characters at once
 # after "<non-space>\n", before "<non-space>": GPT-2's pre-tokenizer splits here too
 _SAFE_CUT = re.compile(r"\S\n(?=\S)")
 
@@ -102,6 +103,17 @@ def _split_at(chunks: Iterable[str], n_train_chars: int) -> Iterator[tuple[str, 
             yield "train", chunk[:k]
             yield "val", chunk[k:]
         pos = end
+
+
+def _batched(items: Iterable, n: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _ordered_map(fn, items: Iterable, workers: int) -> Iterator:
@@ -306,26 +318,34 @@ def prepare(
     if tokenizer is None and kind == "char":
         tokenizer = CharTokenizer(info.chars)
     elif tokenizer is None:  # BPE merges from the training split only
-        train_text = (
-            text
-            for split, text in _split_at(iter_chunks(iter_text(parts), chunk_chars), n_train_chars)
-            if split == "train"
-        )
+        pieces = iter_chunks(iter_text(parts), min(chunk_chars, BPE_CHUNK_CHARS))
+        train_text = (text for split, text in _split_at(pieces, n_train_chars) if split == "train")
         tokenizer = BPETokenizer.train(train_text, vocab_size)
     dtype = narrowest_dtype(tokenizer.vocab_size)
     counts = {"train": 0, "val": 0}
+    if isinstance(tokenizer, BPETokenizer):
+        # small pieces, many at a time: the Rust side spreads a batch over every core
+        texts = iter_chunks(iter_text(parts), min(chunk_chars, BPE_CHUNK_CHARS))
+        batches = _batched(_split_at(texts, n_train_chars), BPE_BATCH)
+        workers = 1
+    else:  # characters need no cut points; NumPy releases the GIL, so threads share the work
+        batches = _batched(_split_at(iter_text(parts), n_train_chars), 1)
+        workers = _cores()
 
-    def encode(item: tuple[str, str]) -> tuple[str, np.ndarray, int]:
-        split, text = item
-        return split, tokenizer.encode(text).astype(dtype), len(text)
+    def encode(batch: list[tuple[str, str]]) -> list[tuple[str, np.ndarray, int]]:
+        if isinstance(tokenizer, BPETokenizer):
+            ids = tokenizer.encode_batch([text for _, text in batch])
+        else:
+            ids = [tokenizer.encode(text) for _, text in batch]
+        return [(split, i.astype(dtype), len(t)) for (split, t), i in zip(batch, ids, strict=True)]
 
     def pieces() -> Iterator[tuple[str, np.ndarray]]:
         bar = _bar(info.n_bytes, "encode")
-        chunks = _split_at(iter_chunks(iter_text(parts), chunk_chars), n_train_chars)
-        for split, ids, n in _ordered_map(encode, chunks, _cores()):
-            counts[split] += len(ids)
-            bar.update(n)
-            yield split, ids
+        for batch in _ordered_map(encode, batches, workers):
+            for split, ids, n in batch:
+                counts[split] += len(ids)
+                bar.update(n)
+                yield split, ids
         bar.close()
 
     header = {

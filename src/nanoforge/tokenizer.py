@@ -87,7 +87,7 @@ class CharTokenizer:
         if not text:
             return np.zeros(0, dtype=np.int64)
         if text.isascii():  # the common case: one table lookup per byte
-            ids = self._ascii_table[np.frombuffer(text.encode("ascii"), dtype=np.uint8)]
+            ids = np.take(self._ascii_table, np.frombuffer(text.encode("ascii"), dtype=np.uint8))
             if ids.min() >= 0:
                 return ids
         cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
