@@ -83,6 +83,7 @@ train_ids = np.array([stoi[c] for c in data[:int(n * 0.9)]], dtype=np.uint16)
 val_ids = np.array([stoi[c] for c in data[int(n * 0.9):]], dtype=np.uint16)
 train_ids.tofile(sys.argv[2] + '.train.bin'); val_ids.tofile(sys.argv[2] + '.val.bin')
 print('seconds', time.perf_counter() - t0)
+print([ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')][0].strip())
 """
 
 OURS = """
@@ -96,22 +97,44 @@ vocab = int(sys.argv[5]) if kind == 'bpe' else None
 s = shards.load_or_prepare(text_parts(sys.argv[2]), kind, vocab, 0.1, sys.argv[3])
 print('seconds', time.perf_counter() - t0)
 print('tokens', s.header['n_tokens'], s.header['dtype'])
+print([ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')][0].strip())
 """
+
+# src/train.py, printing its own peak resident memory (VmHWM) as it exits
+TRAIN = """
+import atexit, runpy, sys
+atexit.register(lambda: print([ln for ln in open('/proc/self/status')
+                               if ln.startswith('VmHWM')][0].strip(), flush=True))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def peak_mb(lines: list[str], fallback: float) -> float:
+    """The process's own peak RSS (VmHWM). The rusage of a child that Python starts with
+    vfork also counts the parent's peak, so it is only the fallback."""
+    hwm = [ln for ln in lines if ln.startswith("VmHWM")]
+    return int(hwm[-1].split()[1]) / 1024 if hwm else fallback
 
 
 def timed(code: list[str], work: Path) -> tuple[float, float, list[str]]:
     r = run([sys.executable, "-c", *code], cwd=work)
     lines = [ln for _, ln in r.lines]
     seconds = float(next(ln.split()[1] for ln in lines if ln.startswith("seconds")))
-    return seconds, r.maxrss_mb, lines
+    return seconds, peak_mb(lines, r.maxrss_mb), lines
 
 
 def head(src: Path, dst: Path, size_mb: int) -> Path:
     """The first size_mb MB of src, cut at a newline."""
     if not dst.exists():
-        with open(src, "rb") as f:
-            data = f.read(size_mb * MB)
-        dst.write_bytes(data[: data.rfind(b"\n") + 1])
+        with open(src, "rb") as f, open(dst, "wb") as out:
+            for _ in range(size_mb):  # in 1 MB blocks: this process stays small
+                block = f.read(MB)
+                if len(block) < MB:
+                    out.write(block)
+                    break
+                out.write(block)
+            out.write(f.readline())  # up to the end of the line
     return dst
 
 

@@ -17,6 +17,7 @@ resumes exactly: a resumed run restarts the stream at the batch index it had rea
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import lightning as L
@@ -38,6 +39,16 @@ def batch_seed(seed: int, split: str, rank: int, index: int) -> int:
     return int((int(state[0]) << 31) ^ int(state[1]))
 
 
+def release_pages(data: np.ndarray) -> None:
+    """Unmap the pages of a memory-mapped token file that windows touched. The kernel maps
+    whole runs of pages around each read (hundreds of kB per window), so without this the
+    resident memory of a run grows towards the size of the corpus; the pages stay in the page
+    cache, so reading them again costs no disk access. ~0.1 ms per batch."""
+    mm = getattr(data, "_mmap", None)
+    if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED)
+
+
 def make_windows(data: torch.Tensor | np.ndarray, block_size: int, starts: torch.Tensor):
     """Cut windows of ``block_size + 1`` tokens starting at ``starts``: returns x, y (int64).
     ``data`` is a tensor, or a NumPy array (a memory-mapped token file: only the windows' pages
@@ -45,6 +56,7 @@ def make_windows(data: torch.Tensor | np.ndarray, block_size: int, starts: torch
     index = starts[:, None] + torch.arange(block_size + 1)
     if isinstance(data, np.ndarray):
         chunk = torch.from_numpy(data[index.numpy()].astype(np.int64))
+        release_pages(data)
     else:
         chunk = data[index]  # (B, T+1), one gather
     return chunk[:, :-1], chunk[:, 1:]
