@@ -217,16 +217,16 @@ def main() -> None:
                     capture_output=True,
                 )
                 timer = work / f"timer-{len(rows)}.json"
-                r = run(
-                    train_cmd([*common, *step_timer(timer)], work / f"run-{len(rows)}"),
-                    cwd=work,
-                    env=BENCH_ENV,
-                )
+                run_dir = work / f"run-{len(rows)}"
+                shutil.rmtree(run_dir, ignore_errors=True)
+                cmd = train_cmd([*common, *step_timer(timer)], run_dir)
+                r = run([cmd[0], "-c", TRAIN, *cmd[1:]], cwd=work, env=BENCH_ENV)
                 first = json.loads(timer.read_text())["step_ends"][0] - r.launched_at
-                rows.append((name, path.stat().st_size, first, r.maxrss_mb, r.wall))
+                rss = peak_mb([ln for _, ln in r.lines], r.maxrss_mb)
+                rows.append((name, path.stat().st_size, first, rss, r.wall))
                 print(
                     f"[train] {name}: first step {first:.1f} s after launch, peak RSS "
-                    f"{r.maxrss_mb:.0f} MB, wall {r.wall:.1f} s",
+                    f"{rss:.0f} MB, wall {r.wall:.1f} s",
                     flush=True,
                 )
             out += [

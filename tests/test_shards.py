@@ -143,3 +143,15 @@ def test_blank_corpus(tmp_path):
     p.write_text("\n\n   \n")
     with pytest.raises(UserError, match="holds no text"):
         shards.load_or_prepare(text_parts(p), "char", None, 0.1, None)
+
+
+def test_a_checkpoints_tokenizer_reuses_the_file_its_run_made(corpus, tmp_path):
+    """eval.py and init_from encode with the checkpoint's tokenizer: the training run's file
+    is reused when it holds that tokenizer, not encoded again."""
+    cache = tmp_path / "cache"
+    made = shards.load_or_prepare(text_parts(corpus), "char", None, 0.1, cache)
+    again = shards.load_or_prepare(text_parts(corpus), tokenizer=made.tokenizer, cache_dir=cache)
+    assert again.path == made.path and len(files(cache)) == 1
+    other = CharTokenizer(sorted(set(corpus.read_text(encoding="utf-8")) | {"~"}))
+    shards.load_or_prepare(text_parts(corpus), tokenizer=other, cache_dir=cache)
+    assert len(files(cache)) == 2  # another vocabulary: another file

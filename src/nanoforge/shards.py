@@ -273,6 +273,11 @@ def load_or_prepare(
         return prepare(
             parts, sha256, kind, vocab_size, val_fraction, None, tokenizer, source, chunk_chars
         )
+    if tokenizer is not None:  # the file a run with this tokenizer made from this corpus
+        own = _spec(kind, tokenizer.vocab_size, None)
+        shard = read_shard(*shard_paths(cache_dir, kind, sha256, own, val_fraction), sha256)
+        if shard is not None and shard.tokenizer == tokenizer:
+            return shard
     spec = _spec(kind, vocab_size, tokenizer)
     bin_path, header_path = shard_paths(cache_dir, kind, sha256, spec, val_fraction)
     shard = read_shard(bin_path, header_path, sha256)
