@@ -125,10 +125,11 @@ class RandomWindows(IterableDataset):
 
 
 class TextDataModule(L.LightningDataModule):
-    """Any corpus as char-level next-token windows. See the module docstring for the flow.
+    """Any corpus as next-token windows. See the module docstring for the flow.
 
-    ``tokenizer``: encode with this tokenizer (a checkpoint's) instead of building one from the
-    corpus; text it cannot encode is a :class:`UserError`.
+    ``tokenizer_kind`` / ``vocab_size``: the tokenizer to build from the corpus (``char``, or
+    ``bpe`` with ``vocab_size`` tokens, learned from the training split). ``tokenizer``: encode
+    with this tokenizer (a checkpoint's) instead; text it cannot encode is a :class:`UserError`.
     """
 
     def __init__(
