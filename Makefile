@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help install train test test-cluster test-fast lint format tensorboard runs clean bench
+.PHONY: help install train test test-cluster test-fast lint format tensorboard runs clean bench bench-data
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ format:  ## apply ruff's fixes and formatting
 bench:  ## speed vs nanoGPT + generation (NANOGPT_DIR=checkout; bench/README.md)
 	$(PYTHON) bench/compare.py $(BENCH_ARGS)
 	$(PYTHON) bench/generation.py
+
+bench-data:  ## data prep MB/s, peak RSS and launch time on a synthetic 1 GB corpus (bench/data.py)
+	$(PYTHON) bench/data.py $(BENCH_ARGS)
 
 runs:  ## list the runs and sweep jobs under logs/, newest first, with status and val/loss
 	$(PYTHON) src/runs.py

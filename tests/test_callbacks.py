@@ -24,6 +24,8 @@ def test_metrics_json(tiny_run):
     assert m["tokens_seen"] == 10 * 12 * 32  # steps x batch x block
     assert m["best/val/loss"] <= m["val/loss"]
     assert m["val/bpc"] == pytest.approx(m["val/loss"] / math.log(2), rel=1e-6)
+    # ASCII text: one byte per character, so bits per byte = bits per character
+    assert m["val/bpb"] == pytest.approx(m["val/bpc"], rel=1e-5)
     assert [h["step"] for h in m["history"]] == [5, 10]
     assert m["history"][-1]["val/loss"] == m["val/loss"]
     assert m["best/val/loss"] == min(h["val/loss"] for h in m["history"])

@@ -10,7 +10,17 @@ from omegaconf import OmegaConf
 from nanoforge.model import Block
 from tests.conftest import CONFIGS, ROOT, compose
 
-GROUPS = ["model", "data", "optim", "trainer", "callbacks", "logger", "debug", "hparams_search"]
+GROUPS = [
+    "model",
+    "data",
+    "tokenizer",
+    "optim",
+    "trainer",
+    "callbacks",
+    "logger",
+    "debug",
+    "hparams_search",
+]
 
 
 def options(group: str) -> list[str]:
@@ -80,3 +90,12 @@ def test_device_configs_compose():
     fsdp = instantiate(compose(["trainer=fsdp"]).trainer.strategy)
     assert isinstance(fsdp, FSDPStrategy)
     assert Block in fsdp.kwargs["auto_wrap_policy"]._module_classes
+
+
+def test_tokenizer_group_reaches_the_data_module():
+    char = compose([])
+    assert (char.data.tokenizer_kind, char.data.vocab_size) == ("char", None)
+    bpe = compose(["tokenizer=bpe", "tokenizer.vocab_size=512"])
+    assert (bpe.data.tokenizer_kind, bpe.data.vocab_size) == ("bpe", 512)
+    prep = compose(["data=pycode", "tokenizer=bpe"], config_name="prepare")
+    assert prep.data.corpus == "pycode" and prep.data.tokenizer_kind == "bpe"

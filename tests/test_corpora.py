@@ -139,3 +139,21 @@ def test_tinyshakespeare_good_download_is_cached(tmp_path, monkeypatch):
     assert len(calls) == 1  # the second read came from the cache
     assert [p.name for p in tmp_path.iterdir()] == ["tinyshakespeare.txt"]
     assert TINYSHAKESPEARE_SHA256.startswith("86c4e6aa")
+
+
+def test_pycode_is_the_standard_library_without_its_tests(monkeypatch, tmp_path):
+    from nanoforge.corpora import corpus_parts, stdlib_dir
+
+    parts = corpus_parts("pycode", None, None)
+    files = [p for p in parts if not isinstance(p, str)]
+    assert (stdlib_dir() / "os.py") in files and len(files) > 300
+    assert all(p.suffix == ".py" for p in files)
+    rel = [p.relative_to(stdlib_dir()).parts for p in files]
+    assert not any("test" in r or "tests" in r or "site-packages" in r for r in rel)
+    assert parts[1::2] == ["\n\n"] * (len(parts) // 2)  # files separated by blank lines
+    # an installation without the .py sources: a clear error
+    import sysconfig
+
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    with pytest.raises(UserError, match=r"data=pycode needs the Python standard library"):
+        corpus_parts("pycode", None, None)

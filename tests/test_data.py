@@ -1,8 +1,9 @@
-"""nanoforge.data: char-level next-token windows from a corpus, for Lightning.
+"""nanoforge.data: next-token windows from a corpus, for Lightning.
 
 Windows are contiguous pieces of the text with y = x shifted by one; the split is a contiguous
-90/10; tokens are cached per text; the training stream is seeded per rank and resumable at any
-batch; validation batches are the same every time; bad settings are UserErrors.
+90/10; tokens come from the corpus's token file (test_shards.py); the training stream is
+seeded per rank and resumable at any batch; validation batches are the same every time; bad
+settings are UserErrors.
 """
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanoforge.data import RandomWindows, TextDataModule, encode_cached
+from nanoforge.data import RandomWindows, TextDataModule
 from nanoforge.errors import UserError
 
 
@@ -38,22 +39,24 @@ def test_split_is_contiguous_90_10(text_file, tmp_path):
     dm.setup()
     ids = dm.tokenizer.encode(text_file.read_text())
     n_train = int(len(ids) * 0.9)
-    assert torch.equal(dm.train_ids, torch.from_numpy(ids[:n_train]))
-    assert torch.equal(dm.val_ids, torch.from_numpy(ids[n_train:]))
+    assert np.array_equal(dm.train_ids, ids[:n_train])
+    assert np.array_equal(dm.val_ids, ids[n_train:])
+    assert dm.train_ids.dtype == np.uint8  # a char vocabulary of < 256 fits a byte
 
 
-def test_token_cache_is_written_once_and_reused(text_file, tmp_path):
+def test_tokens_are_read_from_the_token_file_by_memory_map(text_file, tmp_path):
     cache = tmp_path / "cache"
-    text = text_file.read_text()
-    tok, ids = encode_cached(text, cache)
-    files = list(cache.glob("chars-*.npz"))
-    assert len(files) == 1
-    mtime = files[0].stat().st_mtime_ns
-    tok2, ids2 = encode_cached(text, cache)
-    assert tok2 == tok and np.array_equal(ids, ids2)
-    assert files[0].stat().st_mtime_ns == mtime
-    encode_cached(text + "more", cache)  # other text, other key
-    assert len(list(cache.glob("chars-*.npz"))) == 2
+    dm = TextDataModule(corpus="text", path=str(text_file), block_size=8, cache_dir=str(cache))
+    dm.prepare_data()
+    files = sorted(p.suffix for p in cache.glob("tokens-char-*"))
+    assert files == [".bin", ".json", ".lock"]
+    dm.setup()
+    assert isinstance(dm.train_ids, np.memmap) and isinstance(dm.val_ids, np.memmap)
+    in_memory = TextDataModule(corpus="text", path=str(text_file), block_size=8, cache_dir=None)
+    in_memory.setup()
+    assert np.array_equal(dm.train_ids, in_memory.train_ids)
+    assert np.array_equal(dm.val_ids, in_memory.val_ids)
+    assert dm.tokenizer == in_memory.tokenizer
 
 
 def test_stream_is_seeded_per_rank_and_resumable():

@@ -57,7 +57,7 @@ def test_run_directory_layout(trained_run):
 def test_checkpoint_is_self_contained(trained_run):
     ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
     hp = ckpt["hyper_parameters"]
-    assert hp["model"]["n_layer"] == 2 and hp["tokenizer"]["type"] == "char"
+    assert hp["model"]["n_layer"] == 2 and hp["tokenizer"]["kind"] == "char"
     assert len(hp["tokenizer"]["chars"]) == hp["model"]["vocab_size"]
     assert ckpt["global_step"] == 40
 

@@ -110,6 +110,12 @@ def test_evaluate_ids_scores_every_token_once():
     assert res["bpc"] == pytest.approx(res["loss"] / math.log(2))
     assert res["perplexity"] == pytest.approx(math.exp(res["loss"]))
     assert evaluate_ids(model, ids, batch_size=7) == pytest.approx(res)  # batching is invisible
+    # bits per byte: the bytes are those of the scored tokens (every id but the first)
+    token_bytes = torch.tensor([1, 2, 1, 3, 1, 4, 1])
+    with_bytes = evaluate_ids(model, ids, batch_size=2, token_bytes=token_bytes)
+    nbytes = int(token_bytes[ids[1:]].sum())
+    assert with_bytes["bytes"] == nbytes
+    assert with_bytes["bpb"] == pytest.approx(res["loss"] * 22 / nbytes / math.log(2))
 
 
 def test_evaluation_data_is_the_recorded_text_unless_another_is_given(tiny_run, tmp_path):
@@ -139,6 +145,7 @@ def test_eval_is_deterministic_and_writes_eval_json(tiny_run):
     saved = json.loads((tiny_run / "eval.json").read_text())
     best = torch.load(tiny_run / "checkpoints" / "best.ckpt", weights_only=True)
     assert saved["loss"] == a["loss"] and saved["step"] == best["global_step"]
+    assert saved["bpb"] == pytest.approx(saved["bpc"])  # ASCII text: a byte per character
 
 
 def test_eval_other_text_and_unencodable_text(tiny_run, tmp_path):
@@ -155,3 +162,35 @@ def test_eval_other_text_and_unencodable_text(tiny_run, tmp_path):
     other.write_text("Zebra quagga ~~~ " * 50, encoding="utf-8")
     with pytest.raises(UserError, match="never saw"):
         evaluate(cfg, out=io.StringIO())
+
+
+def test_generate_and_eval_work_unchanged_on_a_bpe_checkpoint(tmp_path, one_thread):
+    from nanoforge.training import build
+    from tests.conftest import compose_run, make_text
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_text(20_000, seed=4) + "東京 café\n", encoding="utf-8")
+    cfg = compose_run(
+        tmp_path,
+        "data=text",
+        f"data.path={corpus}",
+        "tokenizer=bpe",
+        "tokenizer.vocab_size=300",
+        "data.val_batches=1",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "callbacks.text_samples.max_new_tokens=5",
+    )
+    datamodule, module, trainer = build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    run = tmp_path / "run"
+    out = io.StringIO()
+    (text,) = generate(gen_cfg(run, prompt="東京 ROMEO:"), out=out)  # any text is a prompt
+    assert text.startswith("東京 ROMEO:") and out.getvalue() == text + "\n"  # streamed whole
+    res = evaluate(eval_cfg(run), out=io.StringIO())
+    assert "bpc" not in res and res["bpb"] > 0  # per token is not per character
+    text_val = corpus.read_text(encoding="utf-8")[int(len(corpus.read_text()) * 0.9) :]
+    assert res["bytes"] == len(text_val.encode()) - len(
+        datamodule.tokenizer.decode(datamodule.val_ids[:1]).encode()
+    )  # every scored token's bytes
+    assert res["bpb"] == pytest.approx(res["loss"] * res["tokens"] / res["bytes"] / math.log(2))

@@ -198,3 +198,32 @@ def test_the_nan_check_costs_no_sync_between_logging_intervals(monkeypatch, tmp_
     t.fit(module, train_dataloaders=data)
     # every 5th step, then before the final checkpoint and at the end of training
     assert reads == [4, 9, 14, 19, 20, 20]
+
+
+def test_val_bpb_is_loss_times_tokens_over_bytes_over_ln2(tmp_path):
+    """On a known batch with multi-byte characters: val/bpb = val/loss * tokens / bytes / ln 2
+    (and val/bpc = val/loss / ln 2 for a char tokenizer)."""
+    tok = CharTokenizer.from_text("ab é東🙂")  # 1, 1, 1, 2, 3 and 4 UTF-8 bytes
+    torch.manual_seed(0)
+    m = GPTModule(
+        model={**MODEL, "vocab_size": tok.vocab_size},
+        optim={"warmup_steps": 0},
+        tokenizer=tok.state_dict(),
+    )
+    torch.manual_seed(1)
+    x = torch.randint(tok.vocab_size, (3, 16))
+    y = torch.randint(tok.vocab_size, (3, 16))
+    batches = [(x, y), (y, x)]
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    out = trainer(tmp_path, 1).validate(m, dataloaders=loader, verbose=False)[0]
+    with torch.no_grad():
+        losses = [m(a, b)[1].item() for a, b in batches]
+    token_bytes = [len(c.encode()) for c in tok.chars]
+    nbytes = sum(token_bytes[i] for _, b in batches for i in b.flatten().tolist())
+    tokens = 2 * y.numel()
+    loss = sum(losses) / 2
+    assert out["val/loss"] == pytest.approx(loss, rel=1e-5)
+    assert out["val/bpc"] == pytest.approx(loss / math.log(2), rel=1e-5)
+    assert out["val/bpb"] == pytest.approx(loss * tokens / nbytes / math.log(2), rel=1e-5)
+    assert nbytes > tokens  # the multi-byte characters count: bpb < bpc
+    assert out["val/bpb"] < out["val/bpc"]

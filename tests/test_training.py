@@ -138,3 +138,78 @@ def test_init_from_starts_a_new_run_from_the_weights_and_keeps_the_tokenizer(
         )
     with pytest.raises(UserError, match="give one of them"):
         build(cfg_factory(f"init_from={tiny_run}", f"ckpt_path={tiny_run}/checkpoints/last.ckpt"))
+
+
+def test_a_bpe_run_saves_its_tokenizer_as_plain_data_and_learns_from_train_only(
+    cfg_factory, tmp_path, one_thread
+):
+    """tokenizer=bpe: merges from the training split only; the checkpoint loads with
+    weights_only=True and rebuilds the same BPE tokenizer."""
+    from nanoforge.checkpoint import load_model
+    from nanoforge.tokenizer import BPETokenizer
+    from tests.conftest import make_text
+
+    # the last 10% (validation) is one word never seen in training, repeated
+    train_text = make_text(18_000, seed=5)
+    corpus = tmp_path / "bpe.txt"
+    corpus.write_text(train_text + "zyzzyva " * 250, encoding="utf-8")
+    cfg = cfg_factory(
+        "data=text",
+        f"data.path={corpus}",
+        "tokenizer=bpe",
+        "tokenizer.vocab_size=300",
+        "data.val_batches=1",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "callbacks.text_samples.max_new_tokens=5",
+    )
+    datamodule, module, trainer = build(cfg)
+    tok = datamodule.tokenizer
+    assert isinstance(tok, BPETokenizer) and module.config.vocab_size == tok.vocab_size
+    assert len(tok.encode(" zyzzyva")) >= 4  # no merge learned from validation text
+    trainer.fit(module, datamodule=datamodule)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["tokenizer"]["kind"] == "bpe"
+    _, loaded, _ = load_model(tmp_path / "run")
+    assert loaded == tok
+
+
+def test_exact_resume_with_a_bpe_tokenizer(tmp_path, one_thread):
+    """6 steps straight == 3 steps, then resumed from the checkpoint to 6 (tokenizer=bpe,
+    dropout on): same weights, and the resumed run reuses the token file."""
+    from tests.conftest import compose_run, make_text
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_text(20_000, seed=9), encoding="utf-8")
+
+    def run(name: str, steps: int, *extra: str):
+        cfg = compose_run(
+            tmp_path / name,
+            "data=text",
+            f"data.path={corpus}",
+            f"paths.data_dir={tmp_path / 'data'}",
+            "tokenizer=bpe",
+            "tokenizer.vocab_size=300",
+            "model.dropout=0.1",
+            "data.val_batches=1",
+            f"trainer.max_steps={steps}",
+            "trainer.val_check_interval=3",
+            "callbacks.text_samples.max_new_tokens=0",
+            *extra,
+        )
+        datamodule, module, trainer = build(cfg)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        return tmp_path / name / "run"
+
+    straight = run("straight", 6)
+    half = run("half", 3)
+    bins = sorted((tmp_path / "data" / "cache").glob("tokens-bpe-*.bin"))
+    mtime = bins[0].stat().st_mtime_ns
+    resumed = run("resumed", 6, f"ckpt_path={half / 'checkpoints' / 'last.ckpt'}")
+    assert len(bins) == 1 and bins[0].stat().st_mtime_ns == mtime  # prepared once
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 6
+    assert a["hyper_parameters"]["tokenizer"] == b["hyper_parameters"]["tokenizer"]
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k

@@ -259,7 +259,7 @@ class RunSummary(L.Callback):
                 {
                     "step": trainer.global_step,
                     "val/loss": float(m["val/loss"]),
-                    "val/bpc": float(m["val/bpc"]),
+                    **{k: float(m[k]) for k in ("val/bpc", "val/bpb") if k in m},
                 }
             )
 
@@ -274,9 +274,11 @@ class RunSummary(L.Callback):
             "status": status,
             **({"error": error} if error else {}),
             "val/loss": last["val/loss"] if last else math.nan,
-            "val/bpc": last["val/bpc"] if last else math.nan,
+            "val/bpc": last.get("val/bpc", math.nan) if last else math.nan,
+            "val/bpb": last.get("val/bpb", math.nan) if last else math.nan,
             "best/val/loss": best["val/loss"] if best else math.nan,
-            "best/val/bpc": best["val/bpc"] if best else math.nan,
+            "best/val/bpc": best.get("val/bpc", math.nan) if best else math.nan,
+            "best/val/bpb": best.get("val/bpb", math.nan) if best else math.nan,
             "best/step": best["step"] if best else None,
             "best/checkpoint": (ckpt.best_model_path or None) if ckpt is not None else None,
             "steps": trainer.global_step,
@@ -332,10 +334,14 @@ def end_of_run(summary: dict, run_dir: str | os.PathLike) -> str:
 
     run = _shown(run_dir)
     tokens = summary.get("train_tokens_per_sec") or 0
+    losses = "  ".join(  # val/bpc only where a token is a character
+        f"{k} {fmt(k)}" for k in ("val/loss", "val/bpc", "val/bpb") if k != "val/bpc" or
+        fmt(k) != "—"
+    )  # fmt: skip
     lines = [
         f"run {summary['status']}: {summary['steps']:,} steps in "
         f"{_duration(summary['wall_seconds'])}, {tokens:,.0f} tokens/s",
-        f"  val/loss {fmt('val/loss')}  val/bpc {fmt('val/bpc')}  "
+        f"  {losses}  "
         f"(best val/loss {fmt('best/val/loss')} at step {summary.get('best/step') or '—'})",
         f"  run dir   {run}",
     ]

@@ -15,7 +15,7 @@ import torch
 from nanoforge.errors import UserError
 from nanoforge.hydra_setup import latest_run
 from nanoforge.model import GPT, GPTConfig
-from nanoforge.tokenizer import CharTokenizer
+from nanoforge.tokenizer import same_tokenizer, tokenizer_from_state
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -73,7 +73,7 @@ def load_raw(path: Path, map_location="cpu") -> dict:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """(GPT in eval mode, CharTokenizer, raw checkpoint dict) from a checkpoint or run dir."""
+    """(GPT in eval mode, its tokenizer, raw checkpoint dict) from a checkpoint or run dir."""
     p = resolve_checkpoint(path)
     ckpt = load_raw(p)
     hp = ckpt.get("hyper_parameters")
@@ -86,7 +86,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
             f"{str(p)!r} was not saved by nanoforge (no model config, tokenizer and weights "
             "inside). Pass a checkpoint from a nanoforge run."
         )
-    tokenizer = CharTokenizer.from_state_dict(hp["tokenizer"])
+    tokenizer = tokenizer_from_state(hp["tokenizer"])
     model = GPT(GPTConfig.from_dict(dict(hp["model"])))
     # GPTModule keeps the GPT under `model.`; a compiled module adds `_orig_mod.`
     state = {
@@ -167,8 +167,8 @@ def check_resumable(
             == (data_state.get("text_sha256"), data_state.get("split"))
         )
     )
-    same_tokenizer = tokenizer_state is None or hp["tokenizer"] == tokenizer_state
-    if not (same_text and same_tokenizer):
+    same_tok = tokenizer_state is None or same_tokenizer(hp["tokenizer"], tokenizer_state)
+    if not (same_text and same_tok):
         was = recorded.get("source", "its corpus")
         now = (data_state or {}).get("source", "this run's corpus")
         raise UserError(

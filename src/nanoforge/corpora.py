@@ -1,17 +1,24 @@
-"""Where the text comes from: the embedded Shakespeare, tiny Shakespeare, or any text file.
+"""Where the text comes from: the embedded Shakespeare, tiny Shakespeare, the Python standard
+library's own sources, or any text file or folder.
 
-Every corpus is returned as one ``str``. Reading is strict: a missing path, an empty corpus or
+A corpus is a list of *parts* (:func:`corpus_parts`): files, read in blocks, and strings (text
+made in memory, separators), so a folder of many files is streamed, never joined into one
+string (:func:`iter_text`, :func:`iter_bytes`). :func:`load_corpus` joins them, for small
+texts and tests. Reading is strict: a missing path, an empty corpus or
 bytes that are not UTF-8 end in a :class:`UserError` naming the file (and byte offset) and
 the fix, before any training starts.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import importlib.util
 import os
 import re
+import sysconfig
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from nanoforge.errors import UserError
@@ -37,21 +44,83 @@ def read_utf8(path: Path) -> str:
         ) from None
 
 
-def read_text_corpus(path: str | os.PathLike) -> str:
-    """A UTF-8 file, or every ``*.txt`` file under a directory (sorted, joined by blank lines)."""
+Part = Path | str  # a file to read, or text
+BLOCK = 8 << 20  # bytes read at a time
+
+
+def text_parts(path: str | os.PathLike, suffix: str = ".txt") -> list[Part]:
+    """A UTF-8 file, or every ``*suffix`` file under a directory (sorted, separated by blank
+    lines), as parts."""
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"data.path {str(p)!r} does not exist. Pass an existing file or directory.")
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*.txt") if f.is_file())
-        if not files:
-            raise UserError(
-                f"data.path {str(p)!r} is a directory with no .txt files. "
-                "Put UTF-8 .txt files in it or point data.path at a file."
-            )
-        text = "\n\n".join(read_utf8(f) for f in files)
-    else:
-        text = read_utf8(p)
+    if not p.is_dir():
+        return [p]
+    files = sorted(f for f in p.rglob(f"*{suffix}") if f.is_file())
+    if not files:
+        raise UserError(
+            f"data.path {str(p)!r} is a directory with no {suffix} files. "
+            "Put UTF-8 text files in it or point data.path at a file."
+        )
+    parts: list[Part] = []
+    for f in files:
+        parts += ["\n\n", f] if parts else [f]
+    return parts
+
+
+def iter_bytes(parts: list[Part]) -> Iterator[bytes]:
+    """The corpus's UTF-8 bytes, block by block (what its sha256 is taken over)."""
+    for part in parts:
+        if isinstance(part, str):
+            yield part.encode("utf-8")
+            continue
+        with open(part, "rb") as f:
+            while block := f.read(BLOCK):
+                yield block
+
+
+def _decode_file(path: Path) -> Iterator[str]:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(BLOCK)
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                bad = offset + e.start - len(decoder.getstate()[0]) if block else offset + e.start
+                raise UserError(
+                    f"{path} is not UTF-8 text: byte offset {bad} (0x{e.object[e.start]:02x}) "
+                    "cannot be decoded. Convert the file to UTF-8 (e.g. `iconv -f latin1 -t "
+                    "utf-8`) or pass another data.path."
+                ) from None
+            if "\x00" in text:
+                raise UserError(
+                    f"{path} contains NUL bytes: it looks like a binary file, not text."
+                )
+            if text:
+                yield text
+            if not block:
+                return
+            offset += len(block)
+
+
+def iter_text(parts: list[Part]) -> Iterator[str]:
+    """The corpus's text, piece by piece; bytes that are not UTF-8, NUL bytes: UserError."""
+    for part in parts:
+        if isinstance(part, str):
+            if part:
+                yield part
+        else:
+            yield from _decode_file(part)
+
+
+def read_text_corpus(path: str | os.PathLike) -> str:
+    """A UTF-8 file, or every ``*.txt`` file under a directory (sorted, joined by blank lines)."""
+    p = Path(path).expanduser()
+    parts = text_parts(p)
+    # one file: the whole-file read names the byte offset exactly
+    text = read_utf8(p) if len(parts) == 1 else "".join(iter_text(parts))
     if not text.strip():
         raise UserError(
             f"data.path {str(p)!r} holds no text (it is empty). Use a non-empty corpus."
@@ -177,15 +246,75 @@ def load_tinyshakespeare(path: str | None, cache_dir: str | os.PathLike | None) 
     return data.decode("utf-8")
 
 
-def load_corpus(name: str, path: str | None, cache_dir: str | os.PathLike | None) -> str:
-    """The text of corpus ``name`` (``data.corpus``): ``path`` reads a file or folder instead
+# --------------------------------------------------------------------------- python sources
+def stdlib_dir() -> Path:
+    """Where this interpreter's standard library sources are (``sysconfig``'s ``stdlib``)."""
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    if not (lib / "os.py").is_file():
+        raise UserError(
+            f"data=pycode needs the Python standard library's .py sources, but {lib} has none "
+            "(this installation ships bytecode only). Install the full Python (e.g. the "
+            "python3.X-dev / -full package) or use another corpus: data=text data.path=DIR."
+        )
+    return lib
+
+
+def _is_test_or_vendored(rel: Path) -> bool:
+    return any(
+        part in ("test", "tests", "idle_test", "site-packages", "dist-packages")
+        or part.startswith("test_")
+        for part in rel.parts
+    )
+
+
+def pycode_parts(path: str | None = None) -> list[Part]:
+    """Every ``.py`` file of the standard library (or of ``path``), sorted, tests and
+    installed packages left out, separated by blank lines."""
+    root = Path(path).expanduser() if path else stdlib_dir()
+    if not root.is_dir():
+        raise UserError(f"data.path {str(root)!r} is not a directory of .py files")
+    files = sorted(
+        f
+        for f in root.rglob("*.py")
+        if f.is_file() and not _is_test_or_vendored(f.relative_to(root))
+    )
+    if not files:
+        raise UserError(f"{root} holds no .py files: pass data.path=DIR with Python sources")
+    parts: list[Part] = []
+    for f in files:
+        parts += ["\n\n", f] if parts else [f]
+    return parts
+
+
+# --------------------------------------------------------------------------- any corpus
+CORPORA = ("shakespeare", "tinyshakespeare", "text", "pycode")
+
+
+def corpus_parts(name: str, path: str | None, cache_dir: str | os.PathLike | None) -> list[Part]:
+    """The parts of corpus ``name`` (``data.corpus``): ``path`` reads a file or folder instead
     of the built-in source; ``cache_dir`` keeps a download (None: nothing is kept)."""
     if name == "shakespeare":
-        return read_text_corpus(path) if path else load_shakespeare_plays()
+        return text_parts(path) if path else [load_shakespeare_plays()]
     if name == "tinyshakespeare":
-        return load_tinyshakespeare(path, cache_dir)
+        return text_parts(path) if path else [load_tinyshakespeare(None, cache_dir)]
     if name == "text":
         if not path:
             raise UserError("data=text needs a file or folder: pass data.path=FILE_OR_DIR")
+        return text_parts(path)
+    if name == "pycode":
+        return pycode_parts(path)
+    raise UserError(f"unknown corpus {name!r}: choose {', '.join(CORPORA)}")
+
+
+def load_corpus(name: str, path: str | None, cache_dir: str | os.PathLike | None) -> str:
+    """The text of corpus ``name``, as one string (small corpora; training streams parts)."""
+    if (name == "shakespeare" and path) or name == "text":
+        if not path:
+            raise UserError("data=text needs a file or folder: pass data.path=FILE_OR_DIR")
         return read_text_corpus(path)
-    raise UserError(f"unknown corpus {name!r}: choose shakespeare, tinyshakespeare or text")
+    if name == "tinyshakespeare":
+        return load_tinyshakespeare(path, cache_dir)
+    text = "".join(iter_text(corpus_parts(name, path, cache_dir)))
+    if not text.strip():
+        raise UserError(f"corpus {name!r} holds no text")
+    return text

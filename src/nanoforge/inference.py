@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -75,12 +76,19 @@ def generate(cfg: DictConfig, out=sys.stdout) -> list[str]:
     )
     if cfg.num_samples == 1:  # stream token by token
         out.write(prompt)
-        pieces = []
+        pieces, pending = [], []
         for nxt in steps:
-            piece = tok.decode(nxt.tolist())
+            pending.extend(nxt.tolist())
+            piece = tok.decode(pending)
+            if piece.endswith("\ufffd"):  # a BPE token cut a UTF-8 character: wait for the rest
+                continue
             pieces.append(piece)
+            pending = []
             out.write(piece)
             out.flush()
+        if pending:
+            pieces.append(tok.decode(pending))
+            out.write(pieces[-1])
         out.write("\n")
         return [prompt + "".join(pieces)]
     ids = torch.stack(list(steps), dim=1).tolist()
@@ -93,7 +101,9 @@ def generate(cfg: DictConfig, out=sys.stdout) -> list[str]:
 
 # --------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate_ids(model, ids: torch.Tensor, batch_size: int = 32) -> dict:
+def evaluate_ids(
+    model, ids: torch.Tensor, batch_size: int = 32, token_bytes: torch.Tensor | None = None
+) -> dict:
     """Mean next-token loss over every token of ``ids`` (but the first), each scored once.
 
     Non-overlapping windows of ``block_size`` inputs tile the sequence; the last window may be
@@ -123,7 +133,11 @@ def evaluate_ids(model, ids: torch.Tensor, batch_size: int = 32) -> dict:
         total += F.cross_entropy(logits[0].float(), window[0, 1:], reduction="sum").item()
         count += window.size(1) - 1
     loss = total / count
-    return {"loss": loss, "bpc": loss / math.log(2), "perplexity": math.exp(loss), "tokens": count}
+    result = {"loss": loss, "bpc": loss / math.log(2), "perplexity": math.exp(loss)}
+    if token_bytes is not None:  # bits per UTF-8 byte of the scored text
+        nbytes = int(token_bytes[ids[1:]].sum())
+        result.update({"bpb": total / nbytes / math.log(2), "bytes": nbytes})
+    return {**result, "tokens": count}
 
 
 def evaluation_data(ckpt: dict, data_cfg: DictConfig | None, tokenizer, block_size: int):
@@ -150,7 +164,11 @@ def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
     model, tok, ckpt = load_model(ckpt_path, device)
     data = evaluation_data(ckpt, cfg.get("data"), tok, model.config.block_size)
     data.setup("validate")  # unseen characters: a clear UserError
-    result = evaluate_ids(model, data.val_ids, cfg.batch_size)
+    token_bytes = torch.from_numpy(tok.token_bytes())
+    val = torch.from_numpy(np.asarray(data.val_ids, dtype=np.int64))
+    result = evaluate_ids(model, val, cfg.batch_size, token_bytes)
+    if tok.kind != "char":  # per token is not per character
+        result.pop("bpc")
     result.update(
         {
             "checkpoint": str(ckpt_path.resolve()),
@@ -161,8 +179,10 @@ def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
         }
     )
     out.write(
-        f"val/loss={result['loss']:.4f} val/bpc={result['bpc']:.4f} "
-        f"perplexity={result['perplexity']:.3f} over {result['tokens']:,} tokens\n"
+        f"val/loss={result['loss']:.4f} "
+        + (f"val/bpc={result['bpc']:.4f} " if "bpc" in result else "")
+        + f"val/bpb={result['bpb']:.4f} perplexity={result['perplexity']:.3f} "
+        f"over {result['tokens']:,} tokens\n"
     )
     if cfg.output:
         target = Path(cfg.output)

@@ -1,7 +1,7 @@
 """Safe file writing (a file is either the old complete one or the new complete one), and
 the matching tolerant read of the JSON records a run leaves.
 
-Checkpoints, ``metrics.json``, ``eval.json``, the sweep report and the token cache are all
+Checkpoints, ``metrics.json``, ``eval.json``, the sweep report and the token files are all
 written through :func:`atomic_write`: the bytes go to a temporary file in the same folder,
 are flushed to disk, and the temporary file is renamed over the target. A ``kill -9`` at any
 moment leaves no half-written file behind.

@@ -165,7 +165,7 @@ class TensorBoard(TensorBoardLogger):
         from torch.utils.tensorboard.summary import hparams
 
         params = _convert_params(params) or {}
-        params = {k: v for k, v in params.items() if not str(k).startswith("tokenizer")}
+        params = {k: v for k, v in params.items() if k != "tokenizer"}  # its vocabulary
         super().log_hyperparams(params)  # hparams.yaml (no summary: default_hp_metric=False)
         columns = run_hparams() or {"overrides": "default"}
         exp, ssi, sei = hparams(columns, dict.fromkeys(self.metric_tags, 0.0))

@@ -2,7 +2,8 @@
 the loss; step 7: training).
 
 Lightning owns the loop (devices, precision, accumulation, clipping, checkpoints). This file
-owns what is specific to language modelling: the next-token loss, bits per character, exact
+owns what is specific to language modelling: the next-token loss, bits per character and
+per byte, exact
 resume of the random state, and the hook that hands Lightning the optimizer and its per-step
 schedule, which ``nanoforge.optim`` builds from ``cfg.optim``.
 """
@@ -19,7 +20,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from nanoforge.errors import NonFiniteLossError, UserError
 from nanoforge.model import GPT, GPTConfig
 from nanoforge.optim import OptimConfig, configure_optimizer
-from nanoforge.tokenizer import CharTokenizer
+from nanoforge.tokenizer import tokenizer_from_state
 
 LN2 = math.log(2.0)
 
@@ -49,7 +50,7 @@ class GPTModule(L.LightningModule):
         )
         self.config = GPTConfig.from_dict(dict(model))
         self.optim_config = OptimConfig(**dict(optim))
-        self.tokenizer = CharTokenizer.from_state_dict(dict(tokenizer))
+        self.tokenizer = tokenizer_from_state(dict(tokenizer))
         if self.tokenizer.vocab_size != self.config.vocab_size:
             raise ValueError("model.vocab_size must equal the tokenizer's vocab_size")
         self.model = GPT(self.config)
@@ -65,6 +66,9 @@ class GPTModule(L.LightningModule):
         # host-device sync; it is read at the logging interval and before every checkpoint
         self._bad_step: torch.Tensor | None = None
         self._bad_value: torch.Tensor | None = None
+        # UTF-8 bytes per token id: bits per byte compares runs whatever their tokenizer
+        self.token_bytes = torch.from_numpy(self.tokenizer.token_bytes())
+        self._val_sums = torch.zeros(2, dtype=torch.float64)  # nats, bytes
 
     def configure_model(self) -> None:
         if self.compile and self._forward is self.model:
@@ -132,13 +136,27 @@ class GPTModule(L.LightningModule):
             return f"the last good checkpoint, {saved}, is kept"
         return "no checkpoint had been saved yet"
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+
     def validation_step(self, batch, batch_idx):
         x, y = batch
         _, loss = self(x, y)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("val/bpc", loss / LN2, sync_dist=True)
+        if self.tokenizer.kind == "char":  # per token = per character
+            self.log("val/bpc", loss / LN2, sync_dist=True)
+        nbytes = self.token_bytes.to(y.device)[y].sum()
+        self._val_sums += torch.stack([loss.detach().double() * y.numel(), nbytes.double()])
+
+    def val_bpb(self) -> float:
+        """Bits per UTF-8 byte of the validation batches seen since the epoch started (over
+        every rank): ``val/loss * tokens / bytes / ln 2``."""
+        sums = self.trainer.strategy.reduce(self._val_sums.clone(), reduce_op="sum")
+        return float(sums[0] / sums[1] / LN2)
 
     def on_validation_epoch_end(self) -> None:
+        bpb = self.val_bpb()
+        self.log("val/bpb", bpb, sync_dist=False)  # reduced over ranks already
         if self.trainer.sanity_checking:
             return
         # Lightning's reserved `step` key: validation scalars land at the number of optimizer

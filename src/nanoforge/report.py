@@ -43,6 +43,8 @@ CSV_FIELDS = [
     "best_val_loss",
     "val_bpc",
     "best_val_bpc",
+    "val_bpb",
+    "best_val_bpb",
     "wall_seconds",
     "tokens_per_sec",
     "note",
@@ -164,7 +166,7 @@ def markdown(rows: list[JobRow], sweep_dir: Path) -> str:
     lines.append("")
     head = (
         "| job | overrides | status | params | steps | tokens | val/loss | best val/loss "
-        "| val/bpc | wall | tokens/s |"
+        "| val/bpc | val/bpb | wall | tokens/s |"
     )
     lines += [head, "|" + "---|" * head.count(" | ") + "---|"]
     for i, r in enumerate(rows):
@@ -175,7 +177,8 @@ def markdown(rows: list[JobRow], sweep_dir: Path) -> str:
             f"| {r.job} | `{ov}` | {status} | {_si(r.metric('num_params'))} "
             f"| {_fmt(r.metric('steps'), '.0f')} | {_si(r.metric('tokens_seen'))} "
             f"| {_fmt(r.metric('val/loss'), '.4f')} | {_fmt(r.metric('best/val/loss'), '.4f')} "
-            f"| {_fmt(r.metric('val/bpc'), '.4f')} | {_fmt(wall, '.1f')}{' s' if wall else ''} "
+            f"| {_fmt(r.metric('val/bpc'), '.4f')} | {_fmt(r.metric('val/bpb'), '.4f')} "
+            f"| {_fmt(wall, '.1f')}{' s' if wall else ''} "
             f"| {_fmt(r.metric('train_tokens_per_sec'), ',.0f')} |"
         )
     if ok:
@@ -230,6 +233,8 @@ def to_csv(rows: list[JobRow], sweep_dir: Path) -> str:
                 "best_val_loss": r.metrics.get("best/val/loss"),
                 "val_bpc": r.metrics.get("val/bpc"),
                 "best_val_bpc": r.metrics.get("best/val/bpc"),
+                "val_bpb": r.metrics.get("val/bpb"),
+                "best_val_bpb": r.metrics.get("best/val/bpb"),
                 "wall_seconds": r.metrics.get("wall_seconds"),
                 "tokens_per_sec": r.metrics.get("train_tokens_per_sec"),
                 "note": r.note,
