@@ -17,10 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
-from tests.conftest import SRC, make_text, run_entry
+from tests.conftest import ROOT, SRC, make_text, run_entry
 
 pytestmark = pytest.mark.slow
 
@@ -70,11 +71,24 @@ def train(cwd: Path, *args: str, timeout: int = 180) -> subprocess.CompletedProc
     return run_entry("train.py", *FAST, *args, cwd=cwd, timeout=timeout)
 
 
+class MarkValidation(L.Callback):
+    """Test probe, loaded into the training subprocess by its dotted path: touches
+    ``<out>/validating`` when a validation starts, so a test signals inside it, not by a clock."""
+
+    def __init__(self, out: str):
+        self.out = Path(out)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        (self.out / "validating").touch()
+
+
 def popen(cwd: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])  # the probe
     return subprocess.Popen(
         [sys.executable, str(SRC / "train.py"), *args],
         cwd=cwd,
-        env={**os.environ, "PYTHONHASHSEED": "0"},
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -146,11 +160,15 @@ def test_ckpt_path_of_another_model_size_is_one_line_and_leaves_no_directory(cwd
 def test_sigterm_in_a_long_validation_saves_and_exits_at_once_and_resumes_exactly(cwd):
     # R (the fixture) is the straight 20-step run; this one is the same, but its validations
     # take 200,000 batches (many minutes): the first one starts at step 10
-    proc = popen(cwd, *FAST, "trainer.max_steps=20", "data.val_batches=200000", "hydra.run.dir=S")
-    deadline = time.time() + 120
-    while time.time() < deadline and not (cwd / "S" / "tensorboard").is_dir():
+    probe = ["+callbacks.probe._target_=tests.test_e2e_run_directory.MarkValidation"]
+    probe += ["+callbacks.probe.out=${paths.output_dir}"]
+    proc = popen(
+        cwd, *FAST, "trainer.max_steps=20", "data.val_batches=200000", "hydra.run.dir=S", *probe
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and not (cwd / "S" / "validating").is_file():
         time.sleep(0.1)
-    time.sleep(5)  # 10 training steps take well under a second: now inside the validation
+    time.sleep(1)  # inside the first validation (at step 10), which would take many minutes
     sent = time.time()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
@@ -163,7 +181,8 @@ def test_sigterm_in_a_long_validation_saves_and_exits_at_once_and_resumes_exactl
     metrics = json.loads((cwd / "S" / "metrics.json").read_text())
     assert metrics["steps"] == 10 and metrics["status"] == "stopped"
 
-    r = run_entry("train.py", "resume=S", "data.val_batches=2", cwd=cwd)
+    probe_path = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    r = run_entry("train.py", "resume=S", "data.val_batches=2", cwd=cwd, env=probe_path)
     assert r.returncode == 0, r.stderr[-2000:]
     resumed = torch.load(cwd / "S" / "checkpoints" / "last.ckpt", weights_only=True)
     straight = torch.load(cwd / "R" / "checkpoints" / "last.ckpt", weights_only=True)

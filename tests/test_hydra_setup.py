@@ -227,3 +227,16 @@ def test_help_starts_with_how_to_use_it(entry):
             assert command in header
         assert "fast_cpu           Our fastest CPU recipe" in header
         assert OmegaConf.to_container(help_cfg)["template"].startswith("${hydra.help.header}")
+
+
+def test_resume_replays_an_interpolation_as_written(tmp_path):
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    OmegaConf.save(
+        OmegaConf.create(["model=tiny", "+callbacks.x.out=${paths.output_dir}"]),
+        run / ".hydra" / "overrides.yaml",
+    )
+    argv = expand_resume(["train.py", f"resume={run}"])
+    assert "+callbacks.x.out=${paths.output_dir}" in argv  # not resolved (it cannot be, here)

@@ -429,6 +429,7 @@ def expand_resume(argv: list[str]) -> list[str]:
     new = [a for a in argv[1:] if not a.startswith("resume=")]
     new_keys = {key(a) for a in new if "=" in a}
     dropped = {"ckpt_path", "hydra.run.dir", "overwrite", "init_from"}
-    recorded = [str(o) for o in OmegaConf.load(overrides_file)]
+    # as written: an override like +x=${paths.output_dir} is replayed, not resolved here
+    recorded = [str(o) for o in OmegaConf.to_container(OmegaConf.load(overrides_file))]
     replay = [o for o in recorded if key(o) not in new_keys | dropped]
     return [argv[0], *replay, *new, f"hydra.run.dir={run_dir}", f"ckpt_path={last}"]

@@ -98,7 +98,8 @@ def _swept_keys(multirun_yaml: Path, job_overrides: list[str]) -> list[str]:
     from omegaconf import OmegaConf
 
     try:
-        sweep = [str(o) for o in OmegaConf.load(multirun_yaml).hydra.overrides.task]
+        task = OmegaConf.load(multirun_yaml).hydra.overrides.task
+        sweep = [str(o) for o in OmegaConf.to_container(task)]  # as written, unresolved
     except Exception:  # no file (a launcher that writes none): no order to improve
         return []
     return [_key(o) for o in sweep if o not in job_overrides]

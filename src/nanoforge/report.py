@@ -86,7 +86,8 @@ def _job_number(job_dir: Path, sweep_dir: Path) -> int | str:
 def read_job(job_dir: Path, sweep_dir: Path) -> JobRow:
     """One job directory -> its row (never raises for a broken or unfinished job)."""
     try:
-        overrides = [str(o) for o in OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")]
+        recorded = OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")
+        overrides = [str(o) for o in OmegaConf.to_container(recorded)]  # as written
     except Exception:  # unreadable or half-written: the row still shows the job
         overrides = []
     row = JobRow(_job_number(job_dir, sweep_dir), job_dir, overrides)

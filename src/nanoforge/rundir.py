@@ -197,7 +197,8 @@ def list_runs(log_dir: str | os.PathLike = "logs", limit: int = 20) -> str:
     for run in find_runs(log_dir)[:limit]:
         status, metrics = run_status(run)
         try:
-            overrides = " ".join(str(o) for o in OmegaConf.load(run / ".hydra" / "overrides.yaml"))
+            recorded = OmegaConf.load(run / ".hydra" / "overrides.yaml")
+            overrides = " ".join(str(o) for o in OmegaConf.to_container(recorded))
         except Exception:  # unreadable or half-written: the row still shows the run
             overrides = ""
         loss = metrics.get("val/loss")
