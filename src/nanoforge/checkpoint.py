@@ -72,7 +72,13 @@ def load_raw(path: Path, map_location="cpu") -> dict:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """(GPT in eval mode, its tokenizer, raw checkpoint dict) from a checkpoint or run dir."""
+    """(GPT in eval mode, its tokenizer, raw checkpoint dict) from a checkpoint or run dir,
+    or a Hugging Face GPT-2 directory (config.json + model.safetensors, see nanoforge.hf)."""
+    from nanoforge.hf import is_hf_dir, load_hf_dir
+
+    if path is not None and is_hf_dir(path):
+        model, tokenizer, ckpt = load_hf_dir(path)
+        return model.to(device), tokenizer, ckpt
     p = resolve_checkpoint(path)
     ckpt = load_raw(p)
     hp = ckpt.get("hyper_parameters")
