@@ -47,12 +47,6 @@ _BLOCK_TENSORS = [
 ]
 
 
-def is_hf_dir(path: str | os.PathLike) -> bool:
-    """A directory with a config.json: a Hugging Face model directory (not a run directory)."""
-    p = Path(path).expanduser()
-    return p.is_dir() and (p / "config.json").is_file()
-
-
 # --------------------------------------------------------------------------- import
 def config_from_hf(hf: dict, where: str) -> GPTConfig:
     """GPTConfig from a GPT-2 config.json; anything nanoforge cannot reproduce is an error."""
@@ -313,21 +307,3 @@ def export_dir(model: GPT, tokenizer, out: str | os.PathLike, overwrite: bool = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def export(cfg, out=None) -> Path:
-    """What src/export.py does: the checkpoint ``cfg.ckpt`` as a Hugging Face directory."""
-    import sys
-
-    from nanoforge.checkpoint import load_model
-
-    if not cfg.get("out"):
-        raise UserError("no output directory given: pass out=DIR (e.g. out=exported)")
-    model, tokenizer, _ = load_model(cfg.ckpt)
-    path = export_dir(model, tokenizer, cfg.out, overwrite=bool(cfg.get("overwrite", False)))
-    stream = out or sys.stdout
-    stream.write(
-        f"exported to {path}: load it with transformers' "
-        f"AutoModelForCausalLM.from_pretrained({str(path)!r}) and AutoTokenizer.from_pretrained\n"
-    )
-    return path
