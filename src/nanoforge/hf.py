@@ -264,6 +264,12 @@ def hf_files(model: GPT, tokenizer) -> dict[str, bytes]:
         tok_json = char_tokenizer_json(tokenizer)
     else:
         tok_json = tokenizer.to_hf_json()
+    from tokenizers import Tokenizer
+
+    # GPT-2's end-of-text token where the vocabulary has one (else GPT2Config's default,
+    # 50256, would point outside a small vocabulary)
+    eos = Tokenizer.from_str(tok_json).token_to_id("<|endoftext|>")
+    config["bos_token_id"] = config["eos_token_id"] = eos
     tok_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "clean_up_tokenization_spaces": False,  # decode gives back the exact text
