@@ -41,4 +41,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = hydra_setup.check_command_line(sys.argv, "prepare")  # typos: one line, exit 2
     main()

@@ -294,17 +294,29 @@ def test_rmsnorm_and_relu2_are_what_they_say():
     assert torch.equal(m.blocks[0].mlp.act(x), torch.tensor([0.0, 0.0, 0.0, 0.25, 9.0]))
 
 
+def test_gelu_tanh_is_gpt2s_approximation():
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): GPT-2's gelu_new, not exact GELU."""
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, activation="gelu_tanh"))
+    x = torch.linspace(-4, 4, 81)
+    expected = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    assert torch.allclose(m.blocks[0].mlp.act(x), expected, atol=1e-6)
+    assert not torch.allclose(m.blocks[0].mlp.act(x), torch.nn.functional.gelu(x), atol=1e-5)
+
+
 @pytest.mark.parametrize("name", MODEL_CONFIGS)
 def test_model_configs_keep_the_classic_block(name):
     """Every architecture option is spelled out (in model/default.yaml, which every model
     config inherits), switched off: the classic GPT-2 block is what `model=...` gives unless
-    an experiment asks otherwise."""
+    an experiment asks otherwise. model=gpt2 differs in one thing: GPT-2's tanh GELU, which
+    its weights need (init_from=DIR)."""
     keys = ("position", "norm", "activation", "qk_norm", "zero_init", "tie_head")
     assert set(keys) <= set(model_cfg(name))
     c, d = cfg_of(name), GPTConfig()
     for key in keys:
-        assert getattr(c, key) == getattr(d, key), key
-    assert (c.position, c.norm, c.activation) == ("learned", "layernorm", "gelu")
+        if not (name == "gpt2" and key == "activation"):
+            assert getattr(c, key) == getattr(d, key), key
+    gelu = "gelu_tanh" if name == "gpt2" else "gelu"
+    assert (c.position, c.norm, c.activation) == ("learned", "layernorm", gelu)
     assert not c.qk_norm and not c.zero_init and c.tie_head
 
 

@@ -20,7 +20,8 @@ from nanoforge.tokenizer import same_tokenizer, tokenizer_from_state
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A ``.ckpt`` file, or a run directory (then its best checkpoint, else its last), or
-    ``last``: the most recent run under ``logs/`` that has a checkpoint."""
+    ``last``: the most recent run under ``logs/`` that has a checkpoint; or a Hugging Face
+    model directory (it has a config.json), returned as it is."""
     if path is None or str(path) in ("", "None"):
         raise UserError("no checkpoint given: pass ckpt=PATH (a .ckpt file or a run directory)")
     p = Path(path).expanduser()
@@ -35,6 +36,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
             f"{str(p)!r} is a sharded FSDP checkpoint (one file per rank): make it one file "
             f"with: python -m lightning.pytorch.utilities.consolidate_checkpoint {p}"
         )
+    if p.is_dir() and (p / "config.json").is_file():
+        return p  # a Hugging Face model directory (nanoforge.hf reads it)
     if p.is_dir():
         for candidate in (
             p / "checkpoints" / "best.ckpt",
@@ -73,8 +76,14 @@ def load_raw(path: Path, map_location="cpu") -> dict:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """(GPT in eval mode, its tokenizer, raw checkpoint dict) from a checkpoint or run dir."""
+    """(GPT in eval mode, its tokenizer, raw checkpoint dict) from a checkpoint or run dir,
+    or a Hugging Face GPT-2 directory (config.json + model.safetensors, see nanoforge.hf)."""
+    from nanoforge.hf import load_hf_dir
+
     p = resolve_checkpoint(path)
+    if p.is_dir():  # resolve_checkpoint returns a directory only for a Hugging Face one
+        model, tokenizer, ckpt = load_hf_dir(p)
+        return model.to(device), tokenizer, ckpt
     ckpt = load_raw(p)
     hp = ckpt.get("hyper_parameters")
     if (

@@ -44,7 +44,7 @@ class GPTConfig:
     position: str = "learned"  # "learned" (added embedding) or "rotary" (RoPE on q and k)
     rope_base: float = 10000.0  # rotary: the wavelength base of the lowest frequency
     norm: str = "layernorm"  # "layernorm" or "rmsnorm"
-    activation: str = "gelu"  # MLP non-linearity: "gelu" or "relu2" (ReLU squared)
+    activation: str = "gelu"  # MLP: "gelu" (exact), "gelu_tanh" (GPT-2's tanh form) or "relu2"
     qk_norm: bool = False  # RMS-normalise queries and keys per head before attention
     zero_init: bool = False  # output projections (and an untied head) start at zero
     tie_head: bool = True  # the LM head shares the token embedding's weights
@@ -82,8 +82,8 @@ class GPTConfig:
                 f"model.norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}",
             ),
             (
-                self.activation in ("gelu", "relu2"),
-                f"model.activation must be 'gelu' or 'relu2', got {self.activation!r}",
+                self.activation in ("gelu", "gelu_tanh", "relu2"),
+                f"model.activation must be 'gelu', 'gelu_tanh' or 'relu2', got {self.activation!r}",
             ),
         ]
         for ok, msg in checks:
@@ -220,12 +220,15 @@ class ReLU2(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward network: expand 4x, GELU (or ReLU²), project back."""
+    """Position-wise feed-forward network: expand 4x, GELU (exact or tanh) or ReLU², back."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.act = ReLU2() if config.activation == "relu2" else nn.GELU()
+        if config.activation == "relu2":
+            self.act = ReLU2()
+        else:  # gelu_tanh: the tanh approximation GPT-2 was trained with (its weights need it)
+            self.act = nn.GELU(approximate="tanh" if config.activation == "gelu_tanh" else "none")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_scaled = True
         self.dropout = nn.Dropout(config.dropout)

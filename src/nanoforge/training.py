@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -23,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nanoforge import rundir
 from nanoforge.callbacks import GracefulStop, RunSummary, TokenThroughput, end_of_run
-from nanoforge.checkpoint import check_resumable, config_differences, load_model
+from nanoforge.checkpoint import check_resumable, config_differences, load_model, load_raw
 from nanoforge.console import quiet_libraries
 from nanoforge.errors import NonFiniteLossError, UserError, find_user_error
 from nanoforge.module import GPTModule
@@ -107,6 +108,21 @@ def check_accelerator(accelerator: str) -> None:
         raise UserError("trainer.accelerator=mps but this machine has no MPS: use trainer=cpu")
 
 
+def _recorded_tokenizer(ckpt_path):
+    """The tokenizer a training checkpoint carries, or None when it has none (then
+    check_resumable says what is wrong with the checkpoint)."""
+    from nanoforge.tokenizer import tokenizer_from_state
+
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        return None
+    try:
+        state = load_raw(path).get("hyper_parameters", {}).get("tokenizer")
+        return tokenizer_from_state(state) if state is not None else None
+    except UserError:
+        return None
+
+
 def build(cfg: DictConfig):
     """Everything train() needs, built but not run (tests use this too)."""
     check_config(cfg)
@@ -122,6 +138,10 @@ def build(cfg: DictConfig):
     start = load_model(init_from) if init_from else None
     if start is not None:  # fine-tuning keeps the checkpoint's tokenizer
         datamodule.tokenizer = start[1]
+    elif cfg.get("ckpt_path"):  # a resumed run goes on with its own tokenizer (e.g. GPT-2's,
+        recorded = _recorded_tokenizer(cfg.ckpt_path)  # which its corpus cannot rebuild)
+        if recorded is not None:
+            datamodule.tokenizer = recorded
     datamodule.setup("fit")  # builds the tokenizer: the model's vocab_size comes from it
     tok = datamodule.tokenizer
     model_cfg = {**OmegaConf.to_container(cfg.model, resolve=True), "vocab_size": tok.vocab_size}
