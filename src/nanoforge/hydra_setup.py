@@ -71,6 +71,10 @@ def register_resolvers() -> None:
     # `${experiments_help:}`: the experiments and their first comment line, for --help
     if not OmegaConf.has_resolver("experiments_help"):
         OmegaConf.register_new_resolver("experiments_help", experiments_help)
+    # `${slurm_gpus_per_node:...}`, `${slurm_tasks_per_node:...}`: hydra/launcher=slurm's requests
+    from nanoforge.slurm import register_resolvers as register_slurm_resolvers
+
+    register_slurm_resolvers()
 
 
 def experiments_help(folder: Path = EXPERIMENTS_DIR) -> str:
