@@ -61,11 +61,19 @@ def tasks_per_node(accelerator: Any, devices: Any, gpus: Any) -> int:
     return _count(devices) or 1
 
 
+def cpus_per_task(num_workers: Any) -> int:
+    """CPUs per task: the training process and its DataLoader workers (SLURM's default is 1,
+    which DataLoader workers would share with training)."""
+    return 1 + max(0, int(num_workers or 0))
+
+
 def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("slurm_gpus_per_node"):
         OmegaConf.register_new_resolver("slurm_gpus_per_node", gpus_per_node)
+    if not OmegaConf.has_resolver("slurm_cpus_per_task"):
+        OmegaConf.register_new_resolver("slurm_cpus_per_task", cpus_per_task)
     if not OmegaConf.has_resolver("slurm_tasks_per_node"):
         OmegaConf.register_new_resolver("slurm_tasks_per_node", tasks_per_node)
 
