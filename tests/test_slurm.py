@@ -128,7 +128,9 @@ def test_sweep_of_two_slurm_jobs(tmp_path):
     (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
     rows = read_csv(sweep / "report.csv")
     assert [(x["job"], x["status"]) for x in rows] == [("0", "ok"), ("1", "ok")]
-    assert len({p.name for p in (sweep / ".submitit").iterdir() if p.is_dir()}) == 2
+    # one SLURM array, two jobs in it: submitit keeps <array>_0 and <array>_1
+    jobs = sorted(p.name for p in (sweep / ".submitit").iterdir() if "_" in p.name and p.is_dir())
+    assert len(jobs) == 2 and jobs[0].split("_")[0] == jobs[1].split("_")[0]
 
 
 @pytest.mark.slurm
