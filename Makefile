@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help install train test test-cluster test-fast lint format tensorboard runs clean bench bench-data
+.PHONY: help install train test test-cluster test-slurm test-fast lint format tensorboard runs clean bench bench-data
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -19,13 +19,18 @@ train:  ## train with the default config; extra overrides: make train ARGS="mode
 	$(PYTHON) src/train.py $(ARGS)
 
 test:  ## the full test suite, end-to-end runs included (offline; CI runs this)
-	$(PYTHON) -m pytest -m "not multinode"
+	$(PYTHON) -m pytest -m "not multinode and not slurm"
 
 test-cluster:  ## the cluster tests: two torchrun/Lightning "nodes" on 127.0.0.1
 	$(PYTHON) -m pytest -m multinode
 
+test-slurm:  ## start a one-node SLURM here (scripts/slurm-local.sh), run the slurm tests, stop it
+	scripts/slurm-local.sh up
+	SLURM_CONF=$(CURDIR)/.slurm/slurm.conf $(PYTHON) -m pytest -m slurm -v; rc=$$?; \
+	  scripts/slurm-local.sh down; exit $$rc
+
 test-fast:  ## the unit tests only, no end-to-end subprocess runs (the edit loop)
-	$(PYTHON) -m pytest -m "not slow"
+	$(PYTHON) -m pytest -m "not slow and not slurm"
 
 lint:  ## ruff lint + format check
 	$(PYTHON) -m ruff check src tests bench

@@ -35,4 +35,8 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     sys.argv = hydra_setup.expand_resume(sys.argv)  # resume=RUN_DIR continues a run in place
     sys.argv = hydra_setup.check_command_line(sys.argv, "train")  # typos: one line, exit 2
+    from nanoforge.slurm import wants_sweep
+
+    if wants_sweep(sys.argv):  # hydra/launcher=slurm without -m: submit it as a one-job sweep
+        sys.argv.insert(1, "-m")
     main()

@@ -1,7 +1,8 @@
 """Hydra glue shared by the entry points: resolvers, the ``experiments/`` folder, the config
 tree, ``resume=RUN_DIR``, and the one-line exit on a user error.
 
-A leaf: it imports nothing else of nanoforge but ``errors``, and knows no task. Each entry
+A leaf: it imports nothing else of nanoforge but ``errors`` and ``slurm`` (the SLURM
+launcher's resolvers; itself a leaf), and knows no task. Each entry
 point hands :func:`run` the function to run::
 
     @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
@@ -108,6 +109,10 @@ def register_resolvers() -> None:
     # `${experiments_help:}`: the experiments and their first comment line, for --help
     if not OmegaConf.has_resolver("experiments_help"):
         OmegaConf.register_new_resolver("experiments_help", experiments_help)
+    # `${slurm_gpus_per_node:...}`, `${slurm_tasks_per_node:...}`: hydra/launcher=slurm's requests
+    from nanoforge.slurm import register_resolvers as register_slurm_resolvers
+
+    register_slurm_resolvers()
 
 
 def sqlite_url(path: str) -> str:

@@ -63,7 +63,8 @@ def _resumes(run_dir: Path, ckpt_path: str | None) -> bool:
     if not ckpt_path:
         return False
     ckpt = Path(ckpt_path).expanduser().resolve()
-    return ckpt.parent == (run_dir / "checkpoints").resolve()
+    # checkpoints/*.ckpt, or Lightning's hpc_ckpt_N.ckpt of a requeued SLURM job (nanoforge.slurm)
+    return ckpt.parent in ((run_dir / "checkpoints").resolve(), run_dir.resolve())
 
 
 def lock(run_dir: Path) -> None:

@@ -20,7 +20,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from nanoforge import rundir
 from nanoforge.callbacks import GracefulStop, RunSummary, TokenThroughput, end_of_run
@@ -199,6 +199,12 @@ def check_torchrun_run_dir(cfg: DictConfig) -> None:
 def train(cfg: DictConfig) -> dict:
     """Fit the model; return the run summary (what ``metrics.json`` holds)."""
     check_torchrun_run_dir(cfg)
+    from nanoforge.slurm import requeued_checkpoint
+
+    requeued = None if cfg.get("ckpt_path") else requeued_checkpoint(cfg.paths.output_dir)
+    if requeued:  # a requeued SLURM job (preempted): it continues where it was stopped
+        with open_dict(cfg):
+            cfg.ckpt_path = requeued
     # the run directory is this run's alone: locked, never another run's (nanoforge.rundir)
     rundir.claim(cfg.paths.output_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
     quiet_libraries()
