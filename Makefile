@@ -18,8 +18,8 @@ install:  ## install torch (pinned), nanoforge (editable) and the dev tools
 train:  ## train with the default config; extra overrides: make train ARGS="model=tiny"
 	$(PYTHON) src/train.py $(ARGS)
 
-test:  ## the full test suite, end-to-end runs included (offline; CI runs this)
-	$(PYTHON) -m pytest -m "not multinode and not slurm"
+test:  ## the full test suite, end-to-end runs included (offline; CI runs this), 2 processes
+	$(PYTHON) -m pytest -n 2 --dist loadfile -m "not multinode and not slurm"
 
 test-cluster:  ## the cluster tests: two torchrun/Lightning "nodes" on 127.0.0.1
 	$(PYTHON) -m pytest -m multinode

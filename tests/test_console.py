@@ -62,6 +62,9 @@ def test_library_adverts_are_dropped_and_python_warnings_become_one_line(monkeyp
     root = logging.getLogger()
     handler = ConsoleHandler(root_stream, errors=root_stream)
     monkeypatch.setattr(root, "handlers", [handler])
+    # an earlier in-process run may have turned the capture on under another test's warning
+    # recorder; start from off, so that it hooks the warnings module as it is now
+    logging.captureWarnings(False)
     quiet_libraries()
     try:
         from lightning.pytorch.utilities import rank_zero_info
