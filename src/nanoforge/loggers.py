@@ -54,19 +54,17 @@ _NOT_IN_NAME = (
 )  # fmt: skip
 
 
-def overrides() -> list[str]:
-    """This run's command-line overrides (Hydra's; in a sweep, the swept keys first), minus
-    the ones that say where or how it is kept."""
-    return [o for o in _hydra_overrides() if not _key(o).startswith(_NOT_IN_NAME)]
+def overrides(given: list[str] | None = None) -> list[str]:
+    """The command-line overrides (``given``, or this run's from Hydra, the swept keys first
+    in a sweep) minus the ones that say where or how a run is kept: what tells runs apart."""
+    given = _hydra_overrides() if given is None else given
+    return [o for o in given if not _key(o).startswith(_NOT_IN_NAME)]
 
 
-def run_name(overrides: list[str] | None = None, max_len: int = 120) -> str:
+def run_name(given: list[str] | None = None, max_len: int = 120) -> str:
     """A readable TensorBoard run name from the command-line overrides (Hydra's, by default):
     ``model=tiny,optim.lr=0.001``; ``default`` for a run with none."""
-    if overrides is None:
-        overrides = _hydra_overrides()
-    kept = [o for o in overrides if not o.lstrip("+~").startswith(_NOT_IN_NAME)]
-    name = ",".join(kept) or "default"
+    name = ",".join(overrides(given)) or "default"
     name = re.sub(r"[/\\\s]+", "_", name)  # a path separator would nest the run a level down
     return name if len(name) <= max_len else name[: max_len - 1] + "…"
 
@@ -105,15 +103,13 @@ def _swept_keys(multirun_yaml: Path, job_overrides: list[str]) -> list[str]:
     return [_key(o) for o in sweep if o not in job_overrides]
 
 
-def run_hparams(overrides: list[str] | None = None) -> dict[str, bool | int | float | str]:
+def run_hparams(given: list[str] | None = None) -> dict[str, bool | int | float | str]:
     """The HPARAMS tab's columns: each override as ``key: value`` (numbers as numbers), the
     settings that tell runs apart; the whole config is in hparams.yaml and .hydra/."""
-    if overrides is None:
-        overrides = _hydra_overrides()
     columns: dict[str, bool | int | float | str] = {}
-    for o in overrides:
+    for o in overrides(given):
         key = _key(o)
-        if "=" not in o or key.startswith(_NOT_IN_NAME):
+        if "=" not in o:
             continue
         value = o.split("=", 1)[1]
         for parse in (int, float):
