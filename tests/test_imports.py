@@ -47,10 +47,13 @@ def test_imports_name_real_modules_and_form_no_cycle():
 
 def test_hydra_glue_is_a_leaf_and_the_model_knows_no_framework():
     graph = import_graph()
-    # the glue's only nanoforge imports are leaves too: errors, and the SLURM launcher's
-    # resolvers (registered with the others, before any config is composed)
-    assert graph["nanoforge.hydra_setup"] <= {"nanoforge.errors", "nanoforge.slurm"}
+    # the glue's only nanoforge imports are leaves too: errors, the SLURM launcher's
+    # resolvers (registered with the others, before any config is composed), and OpenMP's
+    # wait policy (set before torch is imported)
+    leaves = {"nanoforge.errors", "nanoforge.slurm", "nanoforge.threads"}
+    assert graph["nanoforge.hydra_setup"] <= leaves
     assert graph["nanoforge.errors"] == set() and graph["nanoforge.slurm"] == set()
+    assert graph["nanoforge.threads"] <= {"nanoforge.errors"}
     # the from-scratch model depends on nothing of the training framework around it
     assert graph["nanoforge.model"] <= {"nanoforge.errors", "nanoforge.sampling"}
     # only the sweep module knows about sweeps; training never imports it

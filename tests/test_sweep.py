@@ -30,6 +30,12 @@ def test_assign_resources_gpu_by_job_number_or_cpu_share(monkeypatch, cfg_factor
         cfg = cfg_factory()
         assert sweep.assign_resources(cfg, job_num=3, n_parallel=4) == {"threads": 2}
         assert torch.get_num_threads() == 2 and cfg.trainer.devices == "auto"
+        assert cfg.threads == 2  # what training applies again
+        # threads=N asks for fewer than the share, never more
+        for asked, got in ((1, 1), (6, 2)):
+            cfg = cfg_factory(f"threads={asked}")
+            assert sweep.assign_resources(cfg, job_num=0, n_parallel=4) == {"threads": got}
+            assert torch.get_num_threads() == got
 
         monkeypatch.setattr(sweep, "gpu_count", lambda: 4)
         for job, gpu in [(0, 0), (5, 1), (7, 3)]:

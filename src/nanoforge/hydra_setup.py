@@ -1,8 +1,9 @@
 """Hydra glue shared by the entry points: resolvers, the ``experiments/`` folder, the config
 tree, ``resume=RUN_DIR``, and the one-line exit on a user error.
 
-A leaf: it imports nothing else of nanoforge but ``errors`` and ``slurm`` (the SLURM
-launcher's resolvers; itself a leaf), and knows no task. Each entry
+A leaf: it imports nothing else of nanoforge but ``errors``, ``slurm`` (the SLURM
+launcher's resolvers) and ``threads`` (OpenMP's wait policy, set before torch loads), leaves
+themselves, and knows no task. Each entry
 point hands :func:`run` the function to run::
 
     @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
@@ -150,6 +151,9 @@ def register_experiments(folder: Path = EXPERIMENTS_DIR) -> None:
 
 
 def setup() -> None:
+    from nanoforge.threads import set_wait_policy
+
+    set_wait_policy()  # before torch is imported: OpenMP reads it once, when loaded
     register_resolvers()
     register_experiments()
 

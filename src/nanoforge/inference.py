@@ -159,6 +159,9 @@ def evaluation_data(ckpt: dict, data_cfg: DictConfig | None, tokenizer, block_si
 
 def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
     """Score a checkpoint on the whole validation split of its corpus (or of ``data=...``)."""
+    from nanoforge.threads import apply
+
+    apply(cfg.get("threads"))
     device = pick_device(cfg.device)
     ckpt_path = resolve_checkpoint(cfg.ckpt)
     model, tok, ckpt = load_model(ckpt_path, device)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, read_write
+from omegaconf import DictConfig, open_dict, read_write
 
 from nanoforge import hydra_setup
 from nanoforge.errors import UserError
@@ -83,7 +83,6 @@ def assign_resources(cfg: DictConfig, job_num: int, n_parallel: int) -> dict[str
     With GPUs: job ``job_num`` trains on GPU ``job_num % #GPUs`` (set in ``cfg.trainer``).
     Without: it gets ``cores // n_parallel`` torch threads (at least 1). Returns what it chose.
     """
-    import torch
 
     trainer = cfg.trainer
     if _lightning_launches_ranks(trainer):
@@ -99,9 +98,13 @@ def assign_resources(cfg: DictConfig, job_num: int, n_parallel: int) -> dict[str
         gpu = job_num % n_gpus
         trainer.accelerator, trainer.devices = "gpu", [gpu]
         return {"gpu": gpu}
-    threads = max(1, cpu_cores() // max(1, n_parallel))
-    torch.set_num_threads(threads)
-    return {"threads": threads}
+    from nanoforge.threads import apply
+
+    share = max(1, cpu_cores() // max(1, n_parallel))
+    n = apply(cfg.get("threads"), share)  # threads=N asks for fewer; never more than the share
+    with open_dict(cfg):
+        cfg.threads = n  # what training applies again
+    return {"threads": n}
 
 
 def in_sweep() -> bool:

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from nanoforge import rundir
+from nanoforge import rundir, threads
 from nanoforge.callbacks import GracefulStop, RunSummary, TokenThroughput, end_of_run
 from nanoforge.checkpoint import check_resumable, config_differences, load_model, load_raw
 from nanoforge.console import quiet_libraries
@@ -60,6 +60,7 @@ def check_config(cfg: DictConfig) -> None:
     vci = cfg.trainer.get("val_check_interval")
     if isinstance(vci, int) and vci <= 0:
         raise UserError(f"trainer.val_check_interval must be > 0 steps, got {vci}")
+    threads.check(cfg.get("threads"))
     check_precision(cfg.trainer.get("precision", 32))
     check_trackers(cfg.get("logger"))
     check_accelerator(str(cfg.trainer.get("accelerator", "auto")))
@@ -209,6 +210,7 @@ def train(cfg: DictConfig) -> dict:
     rundir.claim(cfg.paths.output_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
     quiet_libraries()
     check_config(cfg)  # before the data is read: a bad setting answers at once
+    threads.apply(cfg.get("threads"))  # a parallel sweep's job has its share here already
     log.info(f"run directory: {cfg.paths.output_dir}")
     datamodule, module, trainer = build(cfg)
     n = module.model.num_params()
