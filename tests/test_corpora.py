@@ -65,6 +65,25 @@ def test_embedded_corpus_is_plain_text_with_speakers():
     assert text == load_shakespeare_plays()  # same text every time (sorted files)
 
 
+def test_embedded_corpus_is_converted_once_into_the_cache(tmp_path, monkeypatch):
+    from nanoforge import corpora
+
+    path = corpora.shakespeare_plays_file(tmp_path)
+    assert path.read_text(encoding="utf-8") == load_shakespeare_plays()
+    assert corpora.corpus_parts("shakespeare", None, tmp_path) == [path]
+
+    def no_conversion(files):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(corpora, "_convert_plays", no_conversion)
+    assert corpora.shakespeare_plays_file(tmp_path) == path  # the cached file is reused
+    # another converter (this module's source is part of the key) makes another file
+    monkeypatch.setattr(corpora, "__file__", str(tmp_path / "edited_corpora.py"))
+    (tmp_path / "edited_corpora.py").write_text("# an edited converter\n", encoding="utf-8")
+    with pytest.raises(AssertionError, match="converted again"):
+        corpora.shakespeare_plays_file(tmp_path)
+
+
 def test_text_corpus_file_and_directory(tmp_path):
     (tmp_path / "b.txt").write_text("second\n", encoding="utf-8")
     (tmp_path / "a.txt").write_text("first\n", encoding="utf-8")
