@@ -288,10 +288,42 @@ def test_untied_head_and_zero_init():
 
 
 def test_rmsnorm_and_relu2_are_what_they_say():
+    from nanoforge.model import RMSNorm
+
     m = tiny(norm="rmsnorm", activation="relu2")
-    assert isinstance(m.blocks[0].ln_1, torch.nn.RMSNorm) and isinstance(m.ln_f, torch.nn.RMSNorm)
+    assert isinstance(m.blocks[0].ln_1, RMSNorm) and isinstance(m.ln_f, RMSNorm)
     x = torch.tensor([-2.0, -0.5, 0.0, 0.5, 3.0])
     assert torch.equal(m.blocks[0].mlp.act(x), torch.tensor([0.0, 0.0, 0.0, 0.25, 9.0]))
+
+
+def test_hand_written_gradients_equal_autograds():
+    """RMSNorm and ReLU² carry their own backward (faster on CPU): same values and gradients
+    as torch's own ops, and the same state dict keys as ``nn.RMSNorm``."""
+    from nanoforge.model import ReLU2, RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 16, generator=g, requires_grad=True)
+    ours, torchs = RMSNorm(16), torch.nn.RMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.copy_(torch.rand(16, generator=g) + 0.5)
+    torchs.load_state_dict(ours.state_dict())  # same keys, same parameter
+    grad = torch.randn(3, 5, 16, generator=g)
+    for module in (ours, torchs):
+        y = module(x)
+        y.backward(grad)
+        module.result = (y.detach(), x.grad.clone(), module.weight.grad.clone())
+        x.grad = None
+    for a, b in zip(ours.result, torchs.result, strict=True):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+    y1 = ReLU2()(x)
+    (d1,) = torch.autograd.grad(y1, x, grad)
+    y2 = torch.nn.functional.relu(x).square()
+    (d2,) = torch.autograd.grad(y2, x, grad)
+    assert torch.equal(y1, y2) and torch.allclose(d1, d2, atol=1e-6)
+    double = x.detach().double().requires_grad_()
+    assert torch.autograd.gradcheck(ReLU2(), (double,))
+    assert torch.autograd.gradcheck(RMSNorm(16).double(), (double,))
 
 
 def test_gelu_tanh_is_gpt2s_approximation():
