@@ -40,8 +40,10 @@ format:  ## apply ruff's fixes and formatting
 	$(PYTHON) -m ruff check --fix src tests bench
 	$(PYTHON) -m ruff format src tests bench
 
-bench:  ## speed vs nanoGPT + generation (NANOGPT_DIR=checkout; bench/README.md)
+bench:  ## speed vs nanoGPT, start-up, threads on a shared machine, generation (NANOGPT_DIR=checkout; bench/README.md)
 	$(PYTHON) bench/compare.py $(BENCH_ARGS)
+	$(PYTHON) bench/startup.py
+	$(PYTHON) bench/threads.py
 	$(PYTHON) bench/generation.py
 
 bench-data:  ## data prep MB/s, peak RSS and launch time on a synthetic 1 GB corpus (bench/data.py)

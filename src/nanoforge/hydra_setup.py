@@ -257,6 +257,8 @@ def check_command_line(argv: list[str], config_name: str) -> list[str]:
         return argv
     flags = [a for a in args if a.startswith("-")]
     words = [a for a in args if not a.startswith("-")]
+    if not words:  # nothing to check: Hydra composes the defaults itself
+        return argv
     parser = OverridesParser.create()
     overrides = []
     for i, word in enumerate(words):
