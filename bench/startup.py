@@ -3,6 +3,7 @@ cannot avoid.
 
     python bench/startup.py              # 5 rounds (what `make bench` runs)
     python bench/startup.py --rounds 9
+    python bench/startup.py --phases     # where a 1-step run's time goes, stage by stage
 
 Programs, each a fresh process timed from launch to exit, in rounds whose order rotates (so
 that drift on a shared machine hits all alike); medians reported:
@@ -12,7 +13,9 @@ that drift on a shared machine hits all alike); medians reported:
 - train     ``python src/train.py model=small trainer.max_steps=1``: a whole 1-step run on the
             embedded plays (its token file already made by an untimed first run, as for every
             run but a corpus's first): Hydra composition, data, model, Trainer, one step, one
-            validation with its text sample, the checkpoints, the summary.
+            validation (20 batches) with its text sample (300 tokens), the checkpoints, the
+            summary. "train, no eval work": the same with one validation batch and no sample,
+            what the framework itself costs around one step.
 - generate  ``python src/generate.py ckpt=RUN max_new_tokens=1``: load the checkpoint, the GPT
             and the tokenizer, one token out (the per-token cost is bench/generation.py's).
 - eval      ``python src/eval.py ckpt=RUN data=text data.path=SMALL``: rebuild the run's
@@ -34,6 +37,7 @@ from pathlib import Path
 
 from compare import ROOT, machine, run, train_cmd
 
+NO_EVAL_WORK = ["data.val_batches=1", "callbacks.text_samples.max_new_tokens=0"]
 GOALS = {  # program: (reference program, most it may take as a multiple of it)
     "generate": ("import torch", 1.5),
     "train": ("import lightning.pytorch", 1.2),
@@ -48,6 +52,10 @@ def commands(work: Path, i: int) -> dict[str, list[str]]:
         "import torch": [py, "-c", "import torch"],
         "import lightning.pytorch": [py, "-c", "import lightning.pytorch"],
         "train": train_cmd(["model=small", "trainer.max_steps=1"], work / f"train{i}"),
+        # the same run without its work past the first step: one validation batch, no sample
+        "train, no eval work": train_cmd(
+            ["model=small", "trainer.max_steps=1", *NO_EVAL_WORK], work / f"lean{i}"
+        ),
         "generate": [py, str(src / "generate.py"), f"ckpt={run_dir}", "max_new_tokens=1"],
         "eval": [
             py,
@@ -60,10 +68,79 @@ def commands(work: Path, i: int) -> dict[str, list[str]]:
     }
 
 
+def phases(overrides: list[str]) -> None:
+    """``--phases``: one 1-step run of src/train.py in this process, with the time (wall and
+    CPU) at which each stage starts and ends: where the seconds beyond the imports go."""
+    import functools
+    import os
+    import runpy
+    import time
+
+    # what hydra_setup.setup() would set, but torch is imported below before it runs
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    t0 = time.perf_counter()
+    marks: list[tuple[float, float, str]] = [(0.0, time.process_time(), "phases start")]
+
+    def mark(name: str) -> None:
+        marks.append((time.perf_counter() - t0, time.process_time(), name))
+
+    def timed(owner, name: str) -> None:
+        f = getattr(owner, name)
+
+        @functools.wraps(f)
+        def wrapper(*a, **k):
+            mark(f"{owner.__name__}.{name} starts")
+            try:
+                return f(*a, **k)
+            finally:
+                mark(f"{owner.__name__}.{name} ends")
+
+        setattr(owner, name, wrapper)
+
+    import lightning.pytorch as pl
+
+    mark("import lightning.pytorch done")
+    sys.path.insert(0, str(ROOT / "src"))
+    from nanoforge import callbacks, training
+    from nanoforge.data import TextDataModule
+
+    mark("nanoforge imported")
+    timed(training, "train")
+    timed(training, "build")
+    timed(TextDataModule, "setup")
+    timed(pl.Trainer, "fit")
+    timed(pl.Trainer, "save_checkpoint")
+    timed(callbacks.TextSamples, "sample")
+    timed(training, "_end")
+    sys.argv = [str(ROOT / "src" / "train.py"), *overrides]
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    finally:
+        mark("train.py returns")
+        print("\n| seconds since start | CPU seconds | stage |\n|---|---|---|")
+        for wall, cpu, name in marks:
+            print(f"| {wall:.2f} | {cpu:.2f} | {name} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument(
+        "--phases",
+        action="store_true",
+        help="instead: one 1-step run in this process, timed stage by stage",
+    )
     args = ap.parse_args()
+    if args.phases:
+        import os
+
+        with tempfile.TemporaryDirectory(prefix="nanoforge-phases-") as tmp:
+            over = ["model=small", "trainer.max_steps=1"]
+            # untimed, in its own process: the token file, as for every run but the first
+            run(train_cmd(over, Path(tmp) / "warm"), cwd=tmp)
+            os.chdir(tmp)
+            phases([*over, f"hydra.run.dir={tmp}/run"])
+        return
     print(f"# start-up, {date.today()}, {machine()}", flush=True)
     times: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="nanoforge-startup-") as tmp:
@@ -99,8 +176,13 @@ def main() -> None:
             f"| {prog} / {ref} | {ratio:.2f}x ({med[prog]:.2f} s / {med[ref]:.2f} s) | "
             f"<= {goal}x | {'yes' if ratio <= goal else 'no'} |"
         )
-    beyond = med["train"] - med["import lightning.pytorch"]
-    print(f"\ntrain beyond the Lightning import: {beyond:.2f} s (goal: under 1 s)")
+    light = med["import lightning.pytorch"]
+    print(
+        f"\ntrain beyond the Lightning import: {med['train'] - light:.2f} s (goal: under 1 s); "
+        f"without the validation's 20 batches and the sample: "
+        f"{med['train, no eval work'] - light:.2f} s "
+        f"({med['train, no eval work'] / light:.2f}x the import)"
+    )
 
 
 if __name__ == "__main__":
