@@ -246,6 +246,17 @@ def test_generation_past_context_length_keeps_working():
     assert out.shape == (1, 60) and int(out.max()) < VOCAB
 
 
+def test_kv_cache_written_in_place_within_its_capacity():
+    """A cache given its capacity allocates once and never copies the past again."""
+    m = tiny()
+    cache = KVCache(m.config.n_layer, capacity=10)
+    m(torch.randint(VOCAB, (1, 4)), cache=cache)
+    buffers = [k.data_ptr() for k, _ in cache.layers]
+    for _ in range(6):
+        m(torch.randint(VOCAB, (1, 1)), cache=cache)
+    assert cache.length == 10 and [k.data_ptr() for k, _ in cache.layers] == buffers
+
+
 # --------------------------------------------------------------------------- the options
 def test_rotary_scores_depend_on_distance_only():
     torch.manual_seed(0)
