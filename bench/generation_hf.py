@@ -4,6 +4,7 @@ bfloat16 (generate.py ``dtype=bfloat16``) at batch 1, and batch 8.
 
     python bench/generation_hf.py                       # 200 new tokens after 50, median of 3
     python bench/generation_hf.py --tokens 50 --repeats 1
+    python bench/generation_hf.py --threads 1           # steadier on a shared machine
 
 At batch 1 every new token streams all the weights once, so one float32 matrix-vector product
 over as many weights as the model has bounds tokens/s. Two such products are timed: ``W @ x``
@@ -53,7 +54,10 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=50, help="prompt tokens")
     ap.add_argument("--batch", type=int, default=8, help="the batched rows' batch size")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of all programs in turn")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     load_start = load()
