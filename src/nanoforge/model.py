@@ -329,7 +329,7 @@ class GPT(nn.Module):
         how fast MKL streams it depends on the weight's memory order. Each Linear that does
         not shrink its input (attention's q/k/v and output, the MLP's first layer, the LM
         head) gets its (out, in) weight stored input-major, the memory order of its
-        transpose, as ``transformers``' GPT-2 ``Conv1D`` keeps it: 1.3-1.8x faster on this
+        transpose, as ``transformers``' GPT-2 ``Conv1D`` keeps it: 1.2-1.8x faster on this
         project's CPU (bench/RESULTS.md); the MLP's 4x-wide-to-narrow projection is faster
         as it is. Values, shapes and the state_dict stay the same. A ``dtype``
         (``torch.bfloat16``) also casts the weights: half the bytes to stream.
