@@ -77,6 +77,14 @@ def test_batched_samples_have_their_own_streams(tiny_run):
     assert out.getvalue().count("----- sample ") == 3
 
 
+def test_generate_in_bfloat16_gives_text_of_the_same_model(tiny_run):
+    kw = dict(temperature=0, max_new_tokens=20)
+    (full,) = generate(gen_cfg(tiny_run, **kw), out=io.StringIO())
+    (half,) = generate(gen_cfg(tiny_run, dtype="bfloat16", **kw), out=io.StringIO())
+    assert len(half) == len(full) and half.startswith("ROMEO:")
+    assert half[:10] == full[:10]  # its first greedy tokens are float32's (a trained model)
+
+
 @pytest.mark.parametrize(
     "kw, match",
     [
@@ -87,6 +95,7 @@ def test_batched_samples_have_their_own_streams(tiny_run):
         ({"top_p": 1.5}, "top_p"),
         ({"top_p": 0.0}, "top_p"),
         ({"ckpt": "nowhere.ckpt"}, "does not exist"),
+        ({"dtype": "int3"}, "dtype='int3' is not a sampling dtype: use float32 or bfloat16"),
     ],
 )
 def test_generate_bad_arguments(tiny_run, kw, match):

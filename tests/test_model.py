@@ -246,6 +246,50 @@ def test_generation_past_context_length_keeps_working():
     assert out.shape == (1, 60) and int(out.max()) < VOCAB
 
 
+def test_kv_cache_written_in_place_within_its_capacity():
+    """A cache given its capacity allocates once and never copies the past again."""
+    m = tiny()
+    cache = KVCache(m.config.n_layer, capacity=10)
+    m(torch.randint(VOCAB, (1, 4)), cache=cache)
+    buffers = [k.data_ptr() for k, _ in cache.layers]
+    for _ in range(6):
+        m(torch.randint(VOCAB, (1, 1)), cache=cache)
+    assert cache.length == 10 and [k.data_ptr() for k, _ in cache.layers] == buffers
+
+
+@pytest.mark.parametrize("opts", OPTIONS.values(), ids=IDS)
+def test_decoding_layout_changes_no_value_and_no_token(opts):
+    """prepare_decoding stores the Linear weights input-major: same tensors, same logits (up
+    to summation order), same greedy tokens, same state_dict; a tied head stays tied."""
+    m = randomise(tiny(**opts))
+    idx = torch.randint(VOCAB, (2, 12))
+    before, _ = m(idx)
+    tokens = torch.stack(list(m.generate(idx[:, :3], 30, temperature=0)), 1)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    assert m.prepare_decoding() is m
+    assert not m.blocks[0].attn.c_attn.weight.is_contiguous()
+    assert (m.lm_head.weight is m.wte.weight) == m.config.tie_head
+    after, _ = m(idx)
+    assert torch.allclose(after, before, atol=1e-5)
+    assert torch.equal(torch.stack(list(m.generate(idx[:, :3], 30, temperature=0)), 1), tokens)
+    assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize("opts", [{}, OPTIONS["all"]], ids=["classic", "all"])
+def test_bfloat16_decoding_stays_close_to_float32(opts):
+    m = randomise(tiny(**opts))
+    idx = torch.randint(VOCAB, (2, 12))
+    full, _ = m(idx)
+    m.prepare_decoding(torch.bfloat16)
+    assert m.lm_head.weight.dtype == torch.bfloat16
+    half, _ = m(idx)
+    assert half.dtype == torch.bfloat16
+    assert (half.float() - full).abs().max() < 0.05 * full.abs().max()
+    g = torch.Generator().manual_seed(0)
+    out = torch.stack(list(m.generate(idx[:, :3], 40, temperature=1.0, generator=g)), 1)
+    assert out.shape == (2, 40) and int(out.min()) >= 0 and int(out.max()) < VOCAB
+
+
 # --------------------------------------------------------------------------- the options
 def test_rotary_scores_depend_on_distance_only():
     torch.manual_seed(0)
