@@ -228,7 +228,7 @@ def throughput(args, work: Path, data: Path, nanogpt: Path | None) -> list[str]:
 # --- 2. time to quality ------------------------------------------------------------------
 
 NANOGPT_EVAL = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
-OURS_EVAL = re.compile(r"step (\d+): val/loss=([\d.]+)")
+OURS_EVAL = re.compile(r"step (\d+)(?:/\d+)?: val/loss=([\d.]+)")  # "step 150/150: val/loss=..."
 
 
 def crossing(r: Run, pattern: re.Pattern, loss_group: int, target: float):
@@ -346,7 +346,7 @@ def whole_split_loss(run_dir: Path, work: Path) -> float:
 
 # --- 3. overheads ------------------------------------------------------------------------
 
-FINAL = re.compile(r"step (\d+): val/loss=([\d.]+) val/bpc=([\d.]+)")
+FINAL = re.compile(r"step (\d+)(?:/\d+)?: val/loss=([\d.]+) val/bpc=([\d.]+)")
 
 
 def overhead(args, work: Path, data: Path, nanogpt: Path | None) -> list[str]:

@@ -6,11 +6,12 @@ neighbour (another `model=small` training), with the old and the new defaults.
 
 Defaults compared (nanoforge.threads):
 
-- old: one torch thread per core, GNU OpenMP's own waiting (idle threads spin ~300k
+- old: one torch thread per core, GNU OpenMP's own waiting (idle threads spin 300,000
   iterations before sleeping); run with ``GOMP_SPINCOUNT=300000``, which is that default
   spelled out and which nanoforge leaves alone;
-- new: one thread per core, ``OMP_WAIT_POLICY=PASSIVE`` (idle threads sleep at once), what
+- new: one thread per core, idle threads spin 1,000 iterations (``GOMP_SPINCOUNT=1000``), what
   every entry point sets unless the user chose;
+- ``OMP_WAIT_POLICY=PASSIVE`` (sleep at once), the other candidate;
 - new with ``threads=1``.
 
 Each measured run: ``python src/train.py model=small trainer.max_steps=N``, no logger, no text
@@ -38,13 +39,16 @@ from compare import BENCH_ENV, machine, run, step_timer, train_cmd
 
 OLD = {"GOMP_SPINCOUNT": "300000"}
 NEW: dict[str, str] = {}
+PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
 QUIET = ["logger=none", "callbacks.text_samples.max_new_tokens=0"]
 CASES = [  # (name, env, extra overrides, with a neighbour)
     ("alone, old default", OLD, [], False),
     ("alone, new default", NEW, [], False),
+    ("alone, OMP_WAIT_POLICY=PASSIVE", PASSIVE, [], False),
     ("alone, threads=1", NEW, ["threads=1"], False),
     ("beside a neighbour, old default (both)", OLD, [], True),
     ("beside a neighbour, new default (both)", NEW, [], True),
+    ("beside a neighbour, OMP_WAIT_POLICY=PASSIVE (both)", PASSIVE, [], True),
     ("beside a neighbour, threads=1 (new default neighbour)", NEW, ["threads=1"], True),
 ]
 

@@ -37,14 +37,14 @@ def test_apply_sets_torch_threads_capped_by_a_share():
 
 
 def _entry_point_env(env: dict) -> str:
-    """OMP_WAIT_POLICY as an entry point leaves it, before torch is imported."""
+    """OMP_WAIT_POLICY / GOMP_SPINCOUNT as an entry point leaves them, before torch loads."""
     code = (
         "import os, sys\n"
         f"sys.path.insert(0, {str(SRC)!r})\n"
         "from nanoforge import hydra_setup\n"
         "hydra_setup.setup()\n"
         "assert 'torch' not in sys.modules\n"
-        "print(os.environ.get('OMP_WAIT_POLICY', 'unset'))\n"
+        "print(os.environ.get('OMP_WAIT_POLICY', '-'), os.environ.get('GOMP_SPINCOUNT', '-'))\n"
     )
     r = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
@@ -53,12 +53,12 @@ def _entry_point_env(env: dict) -> str:
     return r.stdout.strip()
 
 
-def test_entry_points_make_idle_openmp_threads_sleep_unless_the_user_chose():
+def test_entry_points_shorten_openmp_spinning_unless_the_user_chose():
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    assert _entry_point_env(env) == "PASSIVE"
-    assert _entry_point_env({**env, "OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
-    # GNU OpenMP's own knob is a choice too: the policy stays unset
-    assert _entry_point_env({**env, "GOMP_SPINCOUNT": "300000"}) == "unset"
+    assert _entry_point_env(env) == "- 1000"
+    # the user's choice, either knob, is kept as it is
+    assert _entry_point_env({**env, "OMP_WAIT_POLICY": "PASSIVE"}) == "PASSIVE -"
+    assert _entry_point_env({**env, "GOMP_SPINCOUNT": "300000"}) == "- 300000"
 
 
 def test_train_config_takes_threads_and_checks_it(cfg_factory):

@@ -2,8 +2,8 @@
 tree, ``resume=RUN_DIR``, and the one-line exit on a user error.
 
 A leaf: it imports nothing else of nanoforge but ``errors``, ``slurm`` (the SLURM
-launcher's resolvers) and ``threads`` (OpenMP's wait policy, set before torch loads), leaves
-themselves, and knows no task. Each entry
+launcher's resolvers) and ``threads`` (how long OpenMP's idle threads spin, set before torch
+loads), leaves themselves, and knows no task. Each entry
 point hands :func:`run` the function to run::
 
     @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
