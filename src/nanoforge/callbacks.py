@@ -93,13 +93,12 @@ class TextSamples(L.Callback):
         model.eval()
         g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         idx = torch.as_tensor(tok.encode(self.prompt), device=pl_module.device)[None]
-        with torch.inference_mode():  # no autograd bookkeeping at all: ~10% faster per token
-            ids = [
-                int(t)
-                for t in model.generate(
-                    idx, self.max_new_tokens, self.temperature, self.top_k, generator=g
-                )
-            ]
+        ids = [
+            int(t)
+            for t in model.generate(
+                idx, self.max_new_tokens, self.temperature, self.top_k, generator=g
+            )
+        ]
         model.train(was_training)
         return self.prompt + tok.decode(ids)
 
@@ -196,8 +195,8 @@ _MEASURED_PEAK: dict[str, float] = {}
 def device_peak_flops(device: torch.device, precision: str = "32-true") -> float | None:
     """Peak FLOP/s of one device: Lightning's table for GPUs; on a CPU, measured once per
     process as the best of a few 512x512 float32 matmuls on the threads torch uses (on this
-    project's 2-core AVX2 machine they reach ~200 GFLOP/s, near the FMA units' limit, in
-    ~25 ms; 1024x1024 ones spill the caches: half the rate, five times the time)."""
+    project's 2-core machine they reach ~200 GFLOP/s in ~25 ms; 1024x1024 ones spill the
+    caches: half the rate, five times the time)."""
     if device.type == "cuda":
         from lightning.fabric.utilities.throughput import get_available_flops
 
