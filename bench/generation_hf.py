@@ -1,6 +1,7 @@
 """nanoforge's KV-cached sampler against ``transformers``' ``generate`` on the same weights,
 beside the machine's limit (GPT-2 124M shape, random weights, CPU, greedy): float32 and
-bfloat16 (generate.py ``dtype=bfloat16``) at batch 1, and batch 8.
+bfloat16 and int8 weight-only (generate.py ``dtype=bfloat16`` / ``dtype=int8``) at batch 1,
+and batch 8.
 
     python bench/generation_hf.py                       # 200 new tokens after 50, median of 3
     python bench/generation_hf.py --tokens 50 --repeats 1
@@ -33,11 +34,12 @@ import torch  # noqa: E402
 from safetensors.torch import load as load_safetensors  # noqa: E402
 
 from nanoforge.hf import hf_files  # noqa: E402
+from nanoforge.int8 import quantize_int8_  # noqa: E402
 from nanoforge.model import GPT, GPTConfig  # noqa: E402
 from nanoforge.tokenizer import CharTokenizer  # noqa: E402
 
 GOAL_OF_BOUND = 0.95  # float32, batch 1: of the bound, and never slower than transformers
-GOAL_LIGHTER = 1.8  # bfloat16: times the float32 tokens/s
+GOAL_LIGHTER = 1.8  # the lighter mode (int8 weight-only): times the float32 tokens/s
 
 
 def load() -> str:
@@ -80,8 +82,11 @@ def main() -> None:
     theirs.generation_config.pad_token_id = 0
     ours_bf16 = GPT(cfg).eval()
     ours_bf16.load_state_dict(ours.state_dict())
+    ours_int8 = GPT(cfg).eval()
+    ours_int8.load_state_dict(ours.state_dict())
     ours.prepare_decoding()  # what generate.py does on a CPU
     ours_bf16.prepare_decoding(torch.bfloat16)  # generate.py dtype=bfloat16
+    quantize_int8_(ours_int8)  # generate.py dtype=int8
     g = torch.Generator().manual_seed(1)
     prompts = {
         1: torch.randint(0, cfg.vocab_size, (1, args.prompt), generator=g),
@@ -110,9 +115,11 @@ def main() -> None:
         "nanoforge float32": (1, nanoforge(ours, 1)),
         "transformers float32": (1, hf(1)),
         "nanoforge bfloat16": (1, nanoforge(ours_bf16, 1)),
+        "nanoforge int8": (1, nanoforge(ours_int8, 1)),
         f"nanoforge float32, batch {args.batch}": (args.batch, nanoforge(ours, args.batch)),
         f"transformers float32, batch {args.batch}": (args.batch, hf(args.batch)),
         f"nanoforge bfloat16, batch {args.batch}": (args.batch, nanoforge(ours_bf16, args.batch)),
+        f"nanoforge int8, batch {args.batch}": (args.batch, nanoforge(ours_int8, args.batch)),
     }
     n_weights = sum(p.numel() for p in ours.parameters())  # tied head counted once
     w = torch.randn(n_weights // cfg.n_embd, cfg.n_embd)  # (out, in): nn.Linear's order
@@ -157,9 +164,12 @@ def main() -> None:
         ms = statistics.median(seconds[name]) * 1e3
         print(f"| bound: {name}, all weights, float32 ({ms:.1f} ms) | {value:.1f} | "
               f"{value / b_lin:.2f} | {value / b_in:.2f} |")  # fmt: skip
-    f32, hf32, bf16 = (
-        tps[k] for k in ("nanoforge float32", "transformers float32", "nanoforge bfloat16")
-    )
+    f32, hf32, bf16, int8 = (
+        tps[k]
+        for k in (
+            "nanoforge float32", "transformers float32", "nanoforge bfloat16", "nanoforge int8"
+        )
+    )  # fmt: skip
 
     def met(ok: bool) -> str:
         return "met" if ok else "NOT met"
@@ -170,14 +180,15 @@ def main() -> None:
     )
     print(f"# goal float32 >= transformers: {f32 / hf32:.2f}x, {met(f32 >= hf32)}")
     print(
-        f"# goal bfloat16 >= {GOAL_LIGHTER}x float32: {bf16 / f32:.2f}x, "
-        f"{met(bf16 / f32 >= GOAL_LIGHTER)}"
+        f"# goal lighter mode >= {GOAL_LIGHTER}x float32: int8 {int8 / f32:.2f}x, "
+        f"{met(int8 / f32 >= GOAL_LIGHTER)} (bfloat16 {bf16 / f32:.2f}x)"
     )
     b = args.batch
     print(
         f"# batch {b} / batch 1, total tokens/s: float32 "
         f"{tps[f'nanoforge float32, batch {b}'] / f32:.1f}x, bfloat16 "
-        f"{tps[f'nanoforge bfloat16, batch {b}'] / bf16:.1f}x"
+        f"{tps[f'nanoforge bfloat16, batch {b}'] / bf16:.1f}x, int8 "
+        f"{tps[f'nanoforge int8, batch {b}'] / int8:.1f}x"
     )
     ref = outputs["nanoforge float32"][0]
     same_hf = sum(int(i == j) for i, j in zip(ref, outputs["transformers float32"][0], strict=True))
@@ -194,12 +205,15 @@ def main() -> None:
     for batch, key, ref_key in (
         (1, "nanoforge bfloat16", "nanoforge float32"),
         (b, f"nanoforge bfloat16, batch {b}", f"nanoforge float32, batch {b}"),
+        (1, "nanoforge int8", "nanoforge float32"),
+        (b, f"nanoforge int8, batch {b}", f"nanoforge float32, batch {b}"),
     ):
         pairs = list(zip(outputs[ref_key], outputs[key], strict=True))
         same = sum(int(i == j) for r, q in pairs for i, j in zip(r, q, strict=True))
         firsts = [first_divergence(r, q) for r, q in pairs]
         print(
-            f"# bfloat16 greedy vs float32's, batch {batch}: {same}/{batch * args.tokens} "
+            f"# {key.split()[1].rstrip(',')} greedy vs float32's, batch {batch}: "
+            f"{same}/{batch * args.tokens} "
             f"tokens equal, first divergence at new token {firsts} (None: never)"
         )
 

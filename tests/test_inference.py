@@ -19,7 +19,13 @@ from omegaconf import OmegaConf
 
 from nanoforge.checkpoint import load_model
 from nanoforge.errors import UserError
-from nanoforge.inference import evaluate, evaluate_ids, evaluation_data, generate
+from nanoforge.inference import (
+    check_decode_dtype,
+    evaluate,
+    evaluate_ids,
+    evaluation_data,
+    generate,
+)
 from nanoforge.model import GPT, GPTConfig
 from tests.conftest import make_text
 
@@ -85,6 +91,19 @@ def test_generate_in_bfloat16_gives_text_of_the_same_model(tiny_run):
     assert half[:10] == full[:10]  # its first greedy tokens are float32's (a trained model)
 
 
+def test_int8_is_refused_off_cpu_with_the_fix():
+    with pytest.raises(UserError, match="dtype=int8 runs PyTorch's int8 CPU kernel; on cuda use"):
+        check_decode_dtype("int8", torch.device("cuda"))
+
+
+def test_generate_with_int8_weights_gives_text_of_the_same_model(tiny_run):
+    kw = dict(temperature=0, max_new_tokens=20)
+    (full,) = generate(gen_cfg(tiny_run, **kw), out=io.StringIO())
+    (low,) = generate(gen_cfg(tiny_run, dtype="int8", **kw), out=io.StringIO())
+    assert len(low) == len(full) and low.startswith("ROMEO:")
+    assert low[:10] == full[:10]
+
+
 @pytest.mark.parametrize(
     "kw, match",
     [
@@ -95,7 +114,7 @@ def test_generate_in_bfloat16_gives_text_of_the_same_model(tiny_run):
         ({"top_p": 1.5}, "top_p"),
         ({"top_p": 0.0}, "top_p"),
         ({"ckpt": "nowhere.ckpt"}, "does not exist"),
-        ({"dtype": "int3"}, "dtype='int3' is not a sampling dtype: use float32 or bfloat16"),
+        ({"dtype": "int3"}, "dtype='int3' is not a sampling dtype: use float32, bfloat16 or int8"),
     ],
 )
 def test_generate_bad_arguments(tiny_run, kw, match):

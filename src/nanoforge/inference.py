@@ -47,14 +47,34 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 # --------------------------------------------------------------------------- generation
-# generate.py's dtype=: the weights (and activations) sampling runs in
-DECODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# generate.py's dtype=: the weights sampling runs with. int8 is weight-only: int8 Linear
+# weights with bfloat16 activations (nanoforge.int8), on CPUs.
+DECODE_DTYPES = ("float32", "bfloat16", "int8")
 
 
-def decode_dtype(name: str) -> torch.dtype:
-    if name not in DECODE_DTYPES:
-        raise UserError(f"dtype={name!r} is not a sampling dtype: use {' or '.join(DECODE_DTYPES)}")
-    return DECODE_DTYPES[name]
+def check_decode_dtype(dtype: str, device: torch.device) -> None:
+    if dtype not in DECODE_DTYPES:
+        raise UserError(
+            f"dtype={dtype!r} is not a sampling dtype: use {', '.join(DECODE_DTYPES[:-1])} "
+            f"or {DECODE_DTYPES[-1]}"
+        )
+    if dtype == "int8" and device.type != "cpu":
+        raise UserError(
+            f"dtype=int8 runs PyTorch's int8 CPU kernel; on {device.type} use dtype=bfloat16 "
+            "(or device=cpu)"
+        )
+
+
+def prepare_for_sampling(model, dtype: str, device: torch.device):
+    """Cast (or quantize) ``model`` for sampling in ``dtype`` on ``device``, in place."""
+    check_decode_dtype(dtype, device)
+    if dtype == "int8":
+        from nanoforge.int8 import quantize_int8_
+
+        return quantize_int8_(model)
+    if device.type == "cpu":  # the weight layout MKL reads fastest (measured on CPUs only)
+        return model.prepare_decoding(getattr(torch, dtype))
+    return model.to(getattr(torch, dtype))
 
 
 def generate(cfg: DictConfig, out=sys.stdout) -> list[str]:
@@ -62,13 +82,11 @@ def generate(cfg: DictConfig, out=sys.stdout) -> list[str]:
     check_sampling_args(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
     if cfg.num_samples < 1:
         raise UserError(f"num_samples must be >= 1, got {cfg.num_samples}")
-    dtype = decode_dtype(str(cfg.get("dtype", "float32")))
+    dtype = str(cfg.get("dtype", "float32"))
     device = pick_device(cfg.device)
+    check_decode_dtype(dtype, device)  # before loading anything
     model, tok, _ = load_model(cfg.ckpt, device)
-    if device.type == "cpu":  # the weight layout MKL reads fastest (measured on CPUs only)
-        model.prepare_decoding(dtype)
-    else:
-        model.to(dtype)
+    prepare_for_sampling(model, dtype, device)
     prompt = str(cfg.prompt)
     if not prompt:
         raise UserError('prompt is empty: give at least one character, e.g. prompt="\\n"')
