@@ -181,6 +181,12 @@ def test_fp32_muon_matches_torch_muon():
     o = orthogonalize(g, (3.4445, -4.775, 2.0315), 5, 1e-7)
     s = torch.linalg.svdvals(o)
     assert o.shape == g.shape and s.min() > 0.5 and s.max() < 1.5  # ~semi-orthogonal
+    a, b, c = 3.4445, -4.775, 2.0315  # the textbook iteration, on the smaller Gram matrix
+    x = g.T / g.norm()
+    for _ in range(5):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    assert torch.allclose(o, x.T, atol=1e-5)
     weights = [torch.randn(24, 8), torch.randn(8, 32)]
     grads = [[torch.randn_like(w) for w in weights] for _ in range(3)]
     results = []
