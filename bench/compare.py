@@ -272,25 +272,31 @@ def quality(args, work: Path, data: Path, nanogpt: Path | None) -> list[str]:
 
                 r = run(nanogpt_cmd(ng_args, work / f"ng_q{i}"), cwd=nanogpt, stop=stop)
                 hit, evals = crossing(r, NANOGPT_EVAL, 3, target)
+                results = [(r, hit, evals, None)]
             elif who == "ours":
                 # not stopped at the crossing: the run ends after its one validation, and its
-                # checkpoint is then scored on the whole validation split (the record's rule)
-                run_dir = work / f"ours_q{i}"
-                r = run(ours_cmd(ours_over, run_dir, data), cwd=work)
-                hit, evals = crossing(r, OURS_EVAL, 2, target)
-                whole = whole_split_loss(run_dir, work)
+                # checkpoint is then scored on the whole validation split (the record's rule).
+                # Run --ours-runs times (same seed, same losses): a 20 s run on a shared VM
+                # varies by +-2 s, the median is the record's time
+                results = []
+                for j in range(args.ours_runs):
+                    run_dir = work / f"ours_q{i}_{j}"
+                    r = run(ours_cmd(ours_over, run_dir, data), cwd=work)
+                    hit, evals = crossing(r, OURS_EVAL, 2, target)
+                    results.append((r, hit, evals, whole_split_loss(run_dir, work)))
             else:
                 continue
-            last = evals[-1] if evals else None
-            rows.append((i + 1, who, hit, last, r.wall, whole if who == "ours" else None))
-            what = (
-                f"{hit[2]:.4f} at step {hit[1]} after {hit[0]:.1f}s"
-                if hit
-                else f"not reached; last {last[2]:.4f} at step {last[1]}, run {r.wall:.1f}s"
-            )
-            if who == "ours":
-                what += f"; whole validation split (src/eval.py): {whole:.4f}"
-            print(f"[quality] pair {i + 1} {who}: {what}", flush=True)
+            for r, hit, evals, whole in results:
+                last = evals[-1] if evals else None
+                rows.append((i + 1, who, hit, last, r.wall, whole))
+                what = (
+                    f"{hit[2]:.4f} at step {hit[1]} after {hit[0]:.1f}s"
+                    if hit
+                    else f"not reached; last {last[2]:.4f} at step {last[1]}, run {r.wall:.1f}s"
+                )
+                if who == "ours":
+                    what += f"; whole validation split (src/eval.py): {whole:.4f}"
+                print(f"[quality] pair {i + 1} {who}: {what}", flush=True)
     out += [
         "",
         "| pair | program | first val/loss <= target | at step | seconds from launch | "
@@ -317,7 +323,10 @@ def quality(args, work: Path, data: Path, nanogpt: Path | None) -> list[str]:
         )
     if ours_t and ng_rows:
         mo = statistics.median(ours_t)
-        goal = f"(goal: <= {args.speedrun_goal}x)"
+        goal = (
+            f"(goal: <= {args.speedrun_goal}x; ours the median of {len(ours_t)} runs, "
+            f"{min(ours_t):.1f}-{max(ours_t):.1f}s)"
+        )
         if all(h for h, _ in ng_rows):
             mt = statistics.median(h[0] for h, _ in ng_rows)
             out.append(
@@ -418,6 +427,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300, help="throughput: steps per run")
     ap.add_argument("--warmup", type=int, default=50, help="throughput: untimed first steps")
     ap.add_argument("--quality-pairs", type=int, default=1)
+    ap.add_argument("--ours-runs", type=int, default=3, help="quality: our runs per pair")
     ap.add_argument("--overhead-runs", type=int, default=1)
     ap.add_argument("--target", type=float, default=1.88)
     ap.add_argument("--speedrun-goal", type=float, default=0.15, help="quality: the ratio aimed at")

@@ -72,12 +72,13 @@ def phases(overrides: list[str]) -> None:
     """``--phases``: one 1-step run of src/train.py in this process, with the time (wall and
     CPU) at which each stage starts and ends: where the seconds beyond the imports go."""
     import functools
-    import os
     import runpy
     import time
 
-    # what hydra_setup.setup() would set, but torch is imported below before it runs
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    sys.path.insert(0, str(ROOT / "src"))
+    from nanoforge.threads import set_wait_policy
+
+    set_wait_policy()  # what hydra_setup.setup() does, but torch is imported below, before it
     t0 = time.perf_counter()
     marks: list[tuple[float, float, str]] = [(0.0, time.process_time(), "phases start")]
 
@@ -100,7 +101,6 @@ def phases(overrides: list[str]) -> None:
     import lightning.pytorch as pl
 
     mark("import lightning.pytorch done")
-    sys.path.insert(0, str(ROOT / "src"))
     from nanoforge import callbacks, training
     from nanoforge.data import TextDataModule
 
