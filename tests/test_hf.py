@@ -151,6 +151,30 @@ def test_init_from_a_hf_directory_starts_training_from_its_weights(cfg_factory, 
         build(cfg_factory("data=text", f"data.path={text_file}", f"init_from={hf_dir}", *shape[:1]))
 
 
+def test_eval_of_a_hf_directory_writes_eval_json_inside_it(hf_dir, tmp_path):
+    """ckpt=HF_DIR is a directory, not a file in a run's checkpoints/: eval.json goes in it
+    (it went to the folder above, beside someone else's files, before 2026-12-01)."""
+    from omegaconf import OmegaConf
+
+    from nanoforge.inference import evaluate
+
+    d = _copy(hf_dir, tmp_path / "models" / "gpt2")
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"line {i}: the quick brown fox" for i in range(300)))
+    cfg = OmegaConf.create(
+        {
+            "ckpt": str(d),
+            "batch_size": 8,
+            "output": None,
+            "device": "cpu",
+            "data": {"corpus": "text", "path": str(text), "val_fraction": 0.2},
+        }
+    )
+    result = evaluate(cfg, out=io.StringIO())
+    assert json.loads((d / "eval.json").read_text())["loss"] == result["loss"]
+    assert not (d.parent / "eval.json").exists()
+
+
 def test_the_finetune_experiment_composes():
     from tests.conftest import compose
 

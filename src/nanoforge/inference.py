@@ -222,6 +222,8 @@ def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
     )
     if cfg.output:
         target = Path(cfg.output)
+    elif ckpt_path.is_dir():  # a Hugging Face model directory: eval.json goes inside it
+        target = ckpt_path / "eval.json"
     elif ckpt_path.parent.name == "checkpoints":
         target = ckpt_path.parent.parent / "eval.json"
     else:
