@@ -324,7 +324,8 @@ def quality(args, work: Path, data: Path, nanogpt: Path | None) -> list[str]:
     if ours_t and ng_rows:
         mo = statistics.median(ours_t)
         goal = (
-            f"(goal: <= {args.speedrun_goal}x; ours the median of {len(ours_t)} runs, "
+            f"(goal: <= {args.speedrun_goal}x; ours the median of the {len(ours_t)} of "
+            f"{args.ours_runs * args.quality_pairs} runs that reached it, "
             f"{min(ours_t):.1f}-{max(ours_t):.1f}s)"
         )
         if all(h for h, _ in ng_rows):
@@ -420,6 +421,13 @@ def machine() -> str:
     )
 
 
+def _at_least_one(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sections", default="throughput,quality,overhead")
@@ -427,7 +435,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300, help="throughput: steps per run")
     ap.add_argument("--warmup", type=int, default=50, help="throughput: untimed first steps")
     ap.add_argument("--quality-pairs", type=int, default=1)
-    ap.add_argument("--ours-runs", type=int, default=3, help="quality: our runs per pair")
+    ap.add_argument("--ours-runs", type=_at_least_one, default=3, help="quality: our runs per pair")
     ap.add_argument("--overhead-runs", type=int, default=1)
     ap.add_argument("--target", type=float, default=1.88)
     ap.add_argument("--speedrun-goal", type=float, default=0.15, help="quality: the ratio aimed at")

@@ -3,9 +3,11 @@
 At batch 1 a decoding step is a chain of matrix-vector products, each streaming its whole
 weight from memory once, so tokens/s follows the bytes per weight: float32 4, bfloat16 2,
 int8 1. Here each Linear weight is rounded to int8 with one scale per output row
-(symmetric, ``scale = max |w_row| / 127``: the row's largest weight maps to ±127 exactly),
-activations stay bfloat16, and the product runs in PyTorch's own weight-only int8 CPU
-kernel, ``torch._weight_int8pack_mm``. That kernel reads the int8 weight and dequantizes it
+(symmetric, ``scale = max |w_row| / 127`` stored in bfloat16: the row's largest weight maps
+to ±127), activations stay bfloat16, and the product runs in PyTorch's own weight-only int8
+CPU kernel, ``torch._weight_int8pack_mm``. The token embedding stays a bfloat16 table (a
+tied head gets its own int8 copy), so a GPT-2-sized model holds ~0.4x float32's bytes while
+each token streams ~0.25x. That kernel reads the int8 weight and dequantizes it
 inside the GEMM, never writing a wider copy; it is what ``torch.compile`` lowers torchao's
 int8 weight-only layout to on a CPU. torchao without ``torch.compile`` dequantizes the whole
 weight to bfloat16 every call, which measured slower than float32 here (bench/RESULTS.md).
@@ -14,16 +16,21 @@ The kernel has two limits this module stays inside, both measured on torch 2.13
 (tests/test_int8.py covers them):
 
 * activations and scales in bfloat16. With float32 activations the kernel takes a slow
-  path (at GPT-2's shapes on this CPU, 6x slower than a plain float32 matmul).
+  path (at GPT-2's shapes on this CPU, 2-6x slower than a plain float32 matmul).
 * an input width that is a multiple of 16. Other widths give wrong numbers or crash in the
   kernel, unchecked; such a layer dequantizes its weight and runs ``F.linear`` instead:
-  the same numbers, slower.
+  the same numbers, slower (a warning says so). Since other CPUs and torch versions run
+  other kernel code, each layer's kernel is also checked once against the plain product
+  when it is quantized, and a layer that disagrees falls back the same way.
 
-At more than a few rows at once (a long prompt, many samples) the kernel is slower than a
-bfloat16 matmul; sampling spends its time at 1-8 rows, where it is 2x faster.
+The kernel wins at one row: ~2x a bfloat16 matmul at GPT-2's shapes. At 8 rows it ties or
+trails bfloat16, and at 50 (a prompt's prefill, once) it is 2.5x slower: ``dtype=int8`` is
+for one sample at a time, ``bfloat16`` for many.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -38,24 +45,42 @@ class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        # the scale the product will use (rounded to dtype) is the one the weights are
+        # rounded against: then every weight is within half a step of its int8 value
+        scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127.0).to(dtype)
+        q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("qweight", q.contiguous())  # (out, in) int8
-        self.register_buffer("scale", scale.to(dtype))
+        self.register_buffer("scale", scale)
         bias = None if linear.bias is None else linear.bias.detach().to(dtype)
         self.register_buffer("bias", bias)
+        self.kernel_ok = self.in_features % KERNEL_WIDTH_MULTIPLE == 0 and self._kernel_agrees()
+        if not self.kernel_ok and dtype == torch.bfloat16:
+            warnings.warn(
+                f"int8: a Linear of input width {self.in_features} cannot use PyTorch's int8 "
+                "kernel (it needs a multiple of 16 and must match the plain product): it "
+                "dequantizes its weight every call instead, slower than dtype=bfloat16",
+                stacklevel=2,
+            )
+
+    @torch.no_grad()
+    def _kernel_agrees(self) -> bool:
+        """One row through the kernel against the plain product of the same int8 weights
+        (other CPUs and torch versions run other kernel code than the one measured)."""
+        if self.scale.dtype != torch.bfloat16 or self.qweight.device.type != "cpu":
+            return False
+        x = torch.randn(1, self.in_features, generator=torch.Generator().manual_seed(0))
+        x = x.to(torch.bfloat16)
+        fast = torch._weight_int8pack_mm(x, self.qweight, self.scale).float()
+        plain = F.linear(x.float(), self.qweight.float() * self.scale.float()[:, None])
+        return bool(((fast - plain).abs() <= 0.02 * plain.abs().max() + 1e-6).all())
 
     def dequantized(self) -> torch.Tensor:
         """The weight this layer multiplies by, in its activations' dtype."""
         return self.qweight.to(self.scale.dtype) * self.scale[:, None]
 
     def uses_kernel(self, x: torch.Tensor) -> bool:
-        return (
-            x.device.type == "cpu"
-            and x.dtype == self.scale.dtype == torch.bfloat16
-            and self.in_features % KERNEL_WIDTH_MULTIPLE == 0
-        )
+        return self.kernel_ok and x.device.type == "cpu" and x.dtype == self.scale.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.scale.dtype)

@@ -133,7 +133,7 @@ def orthogonalize(g: torch.Tensor, coefficients, steps: int, eps: float) -> torc
     for _ in range(steps):
         gram = x @ x.T
         # x = a x + (b gram + c gram²) x, as two fused multiply-adds: 3 ops an iteration instead
-        # of 7, ~20% less time for the small matrices of a CPU run (bench/RESULTS.md)
+        # of 8, ~20% less time for the small matrices of a CPU run (bench/RESULTS.md)
         poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
         x = torch.addmm(x, poly, x, beta=a)
     return (x if wide else x.T).to(g.dtype)
