@@ -83,27 +83,19 @@ def test_batched_samples_have_their_own_streams(tiny_run):
     assert out.getvalue().count("----- sample ") == 3
 
 
-def test_generate_in_bfloat16_gives_text_of_the_same_model(tiny_run):
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_generate_in_a_lighter_dtype_gives_text_of_the_same_model(tiny_run, dtype):
     kw = dict(temperature=0, max_new_tokens=20)
     (full,) = generate(gen_cfg(tiny_run, **kw), out=io.StringIO())
-    (half,) = generate(gen_cfg(tiny_run, dtype="bfloat16", **kw), out=io.StringIO())
-    assert len(half) == len(full) and half.startswith("ROMEO:")
+    (light,) = generate(gen_cfg(tiny_run, dtype=dtype, **kw), out=io.StringIO())
+    assert len(light) == len(full) and light.startswith("ROMEO:")
     # its first 10 greedy characters after the 6-character prompt are float32's
-    assert half[6:16] == full[6:16]
+    assert light[6:16] == full[6:16]
 
 
 def test_int8_is_refused_off_cpu_with_the_fix():
     with pytest.raises(UserError, match="dtype=int8 runs PyTorch's int8 CPU kernel; on cuda use"):
         check_decode_dtype("int8", torch.device("cuda"))
-
-
-def test_generate_with_int8_weights_gives_text_of_the_same_model(tiny_run):
-    kw = dict(temperature=0, max_new_tokens=20)
-    (full,) = generate(gen_cfg(tiny_run, **kw), out=io.StringIO())
-    (low,) = generate(gen_cfg(tiny_run, dtype="int8", **kw), out=io.StringIO())
-    assert len(low) == len(full) and low.startswith("ROMEO:")
-    # after the 6-character prompt: the first 10 greedy characters are float32's
-    assert low[6:16] == full[6:16]
 
 
 @pytest.mark.parametrize(
