@@ -65,9 +65,9 @@ def check_decode_dtype(dtype: str, device: torch.device) -> None:
         )
 
 
-def prepare_for_sampling(model, dtype: str, device: torch.device):
-    """Cast (or quantize) ``model`` for sampling in ``dtype`` on ``device``, in place."""
-    check_decode_dtype(dtype, device)
+def _prepare_for_sampling(model, dtype: str, device: torch.device):
+    """Cast (or quantize) ``model`` for sampling in ``dtype`` on ``device``, in place
+    (``dtype`` as :func:`check_decode_dtype` passed it, before the model was loaded)."""
     if dtype == "int8":
         from nanoforge.int8 import quantize_int8_
 
@@ -86,7 +86,7 @@ def generate(cfg: DictConfig, out=sys.stdout) -> list[str]:
     device = pick_device(cfg.device)
     check_decode_dtype(dtype, device)  # before loading anything
     model, tok, _ = load_model(cfg.ckpt, device)
-    prepare_for_sampling(model, dtype, device)
+    _prepare_for_sampling(model, dtype, device)
     prompt = str(cfg.prompt)
     if not prompt:
         raise UserError('prompt is empty: give at least one character, e.g. prompt="\\n"')

@@ -72,12 +72,13 @@ class Int8Linear(nn.Module):
         x = torch.randn(1, self.in_features, generator=torch.Generator().manual_seed(0))
         x = x.to(torch.bfloat16)
         fast = torch._weight_int8pack_mm(x, self.qweight, self.scale).float()
-        plain = F.linear(x.float(), self.qweight.float() * self.scale.float()[:, None])
+        plain = F.linear(x.float(), self.dequantized(torch.float32))
         return bool(((fast - plain).abs() <= 0.02 * plain.abs().max() + 1e-6).all())
 
-    def dequantized(self) -> torch.Tensor:
-        """The weight this layer multiplies by, in its activations' dtype."""
-        return self.qweight.to(self.scale.dtype) * self.scale[:, None]
+    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight this layer multiplies by, in ``dtype`` (default: its activations')."""
+        dtype = dtype or self.scale.dtype
+        return self.qweight.to(dtype) * self.scale.to(dtype)[:, None]
 
     def uses_kernel(self, x: torch.Tensor) -> bool:
         return self.kernel_ok and x.device.type == "cpu" and x.dtype == self.scale.dtype
