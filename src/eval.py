@@ -15,7 +15,10 @@ hydra_setup.setup()
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    from nanoforge.data import TextDataModule  # noqa: F401  (Lightning: imported before settling)
     from nanoforge.inference import evaluate  # here: `--help` answers without loading torch
+
+    hydra_setup.settle_imports()  # the import-time objects: no garbage collection walks them
 
     hydra_setup.run(evaluate, cfg)
 

@@ -17,6 +17,8 @@ hydra_setup.setup()
 def main(cfg: DictConfig) -> None:
     from nanoforge.inference import generate  # here: `--help` answers without loading torch
 
+    hydra_setup.settle_imports()  # the import-time objects: no garbage collection walks them
+
     hydra_setup.run(generate, cfg)
 
 

@@ -20,6 +20,7 @@ def train_job(cfg: DictConfig) -> float | None:
     from nanoforge import sweep
     from nanoforge.training import train
 
+    hydra_setup.settle_imports()  # the import-time objects: no garbage collection walks them
     if cfg.get("print_config", True):
         hydra_setup.print_config_tree(cfg)
     with sweep.job_scope(cfg):  # in a sweep: the job's GPU or threads, its DDP ranks' dir

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf, read_write
 from nanoforge import hydra_setup
 from nanoforge.errors import UserError
 from nanoforge.hydra_setup import expand_resume, parallel_jobs
-from tests.conftest import compose, run_dirs, run_entry
+from tests.conftest import SRC, compose, run_dirs, run_entry
 
 
 # --------------------------------------------------------------------------- resume=RUN_DIR
@@ -240,3 +240,88 @@ def test_resume_replays_an_interpolation_as_written(tmp_path):
     )
     argv = expand_resume(["train.py", f"resume={run}"])
     assert "+callbacks.x.out=${paths.output_dir}" in argv  # not resolved (it cannot be, here)
+
+
+# --------------------------------------------------------------------------- settle_imports
+def _python(code: str, cwd) -> str:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=180
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_settle_imports_freezes_the_imports_once_and_later_garbage_is_still_collected(tmp_path):
+    # in a process of its own: a freeze lasts as long as the process
+    code = f"""
+import gc, sys, weakref
+sys.path.insert(0, {str(SRC)!r})
+import torch
+from nanoforge import hydra_setup
+
+hydra_setup.settle_imports()
+frozen = gc.get_freeze_count()
+assert frozen > 50_000, frozen  # torch's import-time objects, out of the collector's sight
+
+
+class Node:
+    pass
+
+
+a, b = Node(), Node()
+a.other, b.other = b, a  # a reference cycle made after settling: a job's garbage
+dead = weakref.ref(a)
+del a, b
+hydra_setup.settle_imports()  # the next job of an in-process sweep: freezes nothing more
+assert gc.get_freeze_count() == frozen, (gc.get_freeze_count(), frozen)
+gc.collect()
+assert dead() is None  # so the cycle is still collected
+print("checked")
+"""
+    assert _python(code, tmp_path).strip() == "checked"
+
+
+_REPORT_AT_EXIT = """
+import atexit, gc, runpy, sys
+
+
+def report():  # which classes the garbage collector still walks, as the process exits
+    walked = {id(o) for o in gc.get_objects()}  # every generation but the frozen one
+    torch = sys.modules["torch"]
+    pl = sys.modules.get("lightning.pytorch")
+    print("torch.nn.Module walked:", id(torch.nn.Module) in walked)
+    print("Trainer walked:", None if pl is None else id(pl.Trainer) in walked)
+
+
+atexit.register(report)
+"""
+
+
+@pytest.mark.parametrize("script", ["train.py", "generate.py", "eval.py"])
+def test_every_entry_point_settles_its_imports(script, tiny_run, tmp_path):
+    """The entry points freeze what torch and Lightning made at import, before their work
+    (generate.py never loads Lightning)."""
+    corpus = tiny_run.parent / "corpus.txt"
+    args = {
+        "train.py": [
+            "model=tiny",
+            "data=text",
+            f"data.path={corpus}",
+            "trainer.max_steps=1",
+            "data.val_batches=1",
+            "callbacks.text_samples.max_new_tokens=0",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        "generate.py": [f"ckpt={tiny_run}", "max_new_tokens=1"],
+        "eval.py": [f"ckpt={tiny_run}", f"output={tmp_path / 'eval.json'}"],
+    }[script]
+    code = _REPORT_AT_EXIT + (
+        f"sys.argv = [{str(SRC / script)!r}, *{args!r}]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    report = _python(code, tmp_path).strip().splitlines()[-2:]
+    lightning = "None" if script == "generate.py" else "False"
+    assert report == ["torch.nn.Module walked: False", f"Trainer walked: {lightning}"]
