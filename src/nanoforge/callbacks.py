@@ -25,6 +25,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from nanoforge import threads
 from nanoforge.errors import NonFiniteLossError, UserError
 from nanoforge.io import atomic_write_bytes
 
@@ -93,12 +94,13 @@ class TextSamples(L.Callback):
         model.eval()
         g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         idx = torch.as_tensor(tok.encode(self.prompt), device=pl_module.device)[None]
-        ids = [
-            int(t)
-            for t in model.generate(
-                idx, self.max_new_tokens, self.temperature, self.top_k, generator=g
-            )
-        ]
+        with threads.decoding(model.config.n_embd, pl_module.device):  # narrow: one thread
+            ids = [
+                int(t)
+                for t in model.generate(
+                    idx, self.max_new_tokens, self.temperature, self.top_k, generator=g
+                )
+            ]
         model.train(was_training)
         return self.prompt + tok.decode(ids)
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from nanoforge import threads
 from nanoforge.checkpoint import load_model, recorded_data, resolve_checkpoint
 from nanoforge.errors import UserError
 from nanoforge.io import atomic_write_bytes
@@ -98,6 +99,11 @@ def generate(cfg: DictConfig, out=sys.stdout) -> list[str]:
         )
     g = torch.Generator(device=device).manual_seed(int(cfg.seed))
     idx = torch.as_tensor(tok.encode(prompt), device=device)[None].repeat(cfg.num_samples, 1)
+    with threads.decoding(model.config.n_embd, device, rows=cfg.num_samples):
+        return _sample(model, tok, prompt, idx, g, cfg, out)
+
+
+def _sample(model, tok, prompt: str, idx, g, cfg: DictConfig, out) -> list[str]:
     steps = model.generate(
         idx,
         cfg.max_new_tokens,

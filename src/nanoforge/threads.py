@@ -20,6 +20,8 @@ GNU OpenMP (the one in PyPI's Linux wheels of torch) reads these once, when torc
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from nanoforge.errors import UserError
 
@@ -58,3 +60,35 @@ def apply(threads, share: int | None = None) -> int:
     if n is not None and n != torch.get_num_threads():
         torch.set_num_threads(n)
     return torch.get_num_threads()
+
+
+# Widths (n_embd) at most this sample one sequence faster on one thread than on many.
+NARROW = 256
+
+
+@contextmanager
+def decoding(width: int, device, rows: int = 1) -> Iterator[None]:
+    """Torch on one CPU thread while a model of ``width`` <= :data:`NARROW` samples ``rows``
+    = 1 sequence one token at a time; the thread count as it was, after.
+
+    Decoding one sequence runs each layer on a single new token: at width 256 the largest
+    product (the MLP's 256 x 1024) is ~0.26M multiply-adds, tens of microseconds on one core,
+    about what waking a second thread for half of it costs; and with ``GOMP_SPINCOUNT=1000``
+    (:func:`set_wait_policy`) the idle threads are asleep by the next of the token's many
+    small kernels. ``python bench/generation.py --threads`` (bench/RESULTS.md, 2026-12-01, 2
+    cores): one thread samples model=tiny 1.7x and model=small 1.8x faster than two; at width
+    384 and 768 (model=medium, GPT-2) the two are even, so wider models keep every thread (on
+    a machine with many cores they parallelise). Many rows (``num_samples``) make every
+    product as many times larger and keep every thread too; on a GPU this does nothing.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    narrow = rows == 1 and width <= NARROW and before > 1 and torch.device(device).type == "cpu"
+    if narrow:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if narrow:
+            torch.set_num_threads(before)
