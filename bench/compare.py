@@ -15,7 +15,7 @@
                tiny Shakespeare, for nanoGPT's README CPU command and `experiment=fast_cpu`.
                Both validate on 2400 random windows of 64 tokens from the last 10% of the
                text (nanoGPT: --eval_iters=200 batches of 12, new ones each time, instead of
-               the README's 20; ours: 100 fixed batches of 24), enough windows for a small
+               the README's 20; ours: 75 fixed batches of 32), enough windows for a small
                standard error (measured spread: bench/RESULTS.md, "2. Time to val/loss").
                A run is stopped as soon as it crosses the target.
 3. overhead    `python src/train.py model=small` (the default run): launch to the end of the
@@ -242,7 +242,7 @@ def crossing(r: Run, pattern: re.Pattern, loss_group: int, target: float):
 def quality(args, work: Path, data: Path, nanogpt: Path | None) -> list[str]:
     target = args.target
     ng_args = with_args(NANOGPT_README, eval_iters=VAL_BATCHES)  # README's 20 -> 200
-    ours_over = ["experiment=fast_cpu"]  # validates on 100 x 24 windows = 200 x 12
+    ours_over = ["experiment=fast_cpu"]  # validates on 75 x 32 windows = 200 x 12
     out = [
         f"### 2. Time to val/loss <= {target}",
         "",

@@ -53,6 +53,10 @@ def test_experiments_compose_and_apply():
     assert baby.data.batch_size == 12 and baby.trainer.max_steps == 2000
     sc = compose(["experiment=shakespeare_char"])  # nanoGPT's shakespeare_char GPU run
     assert sc.model.n_embd == 384 and sc.model.dropout == 0.2 and sc.optim.beta2 == 0.99
+    fast = compose(["experiment=fast_cpu"])  # the speedrun: its scoring rule (issue 15)
+    assert fast.data.corpus == "tinyshakespeare" and fast.model.block_size == 64
+    assert fast.data.val_batches * fast.data.batch_size >= 2400  # nanoGPT's 200 x 12 windows
+    assert fast.trainer.val_check_interval == fast.trainer.max_steps  # one validation, at the end
 
 
 def test_scaling_experiment_sweeps_sizes_at_a_fixed_token_budget():
