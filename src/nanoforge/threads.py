@@ -8,9 +8,10 @@ a shared one (a second training, a test suite, another user) the spinning thread
 cores the working threads need: a `model=small` step went from 37 ms to 2.2 s beside another
 training. Sleeping at once (``OMP_WAIT_POLICY=PASSIVE``) removes the collapse but costs ~25%
 on an idle machine (every region pays a wake-up). Spinning 1,000 iterations
-(``GOMP_SPINCOUNT=1000``) measured best overall: as fast as the default alone and within
-~15% of PASSIVE beside a neighbour (bench/RESULTS.md, "Threads on a shared machine"), so
-that is the default here.
+(``GOMP_SPINCOUNT=1000``) measured best overall: 2-22% slower than the default alone (four
+runs; the spread is the machine's), within ~25% of PASSIVE beside a neighbour, where the
+default collapsed (bench/RESULTS.md, "Threads on a shared machine"), so that is the default
+here; ``GOMP_SPINCOUNT=300000`` brings GNU's back on a machine of your own.
 
 GNU OpenMP (the one in PyPI's Linux wheels of torch) reads these once, when torch loads it:
 :func:`set_wait_policy` runs in every entry point before torch is imported
@@ -72,14 +73,19 @@ def decoding(width: int, device, rows: int = 1) -> Iterator[None]:
     = 1 sequence one token at a time; the thread count as it was, after.
 
     Decoding one sequence runs each layer on a single new token: at width 256 the largest
-    product (the MLP's 256 x 1024) is ~0.26M multiply-adds, tens of microseconds on one core,
-    about what waking a second thread for half of it costs; and with ``GOMP_SPINCOUNT=1000``
-    (:func:`set_wait_policy`) the idle threads are asleep by the next of the token's many
-    small kernels. ``python bench/generation.py --threads`` (bench/RESULTS.md, 2026-12-01, 2
-    cores): one thread samples model=tiny 1.7x and model=small 1.8x faster than two; at width
-    384 and 768 (model=medium, GPT-2) the two are even, so wider models keep every thread (on
-    a machine with many cores they parallelise). Many rows (``num_samples``) make every
-    product as many times larger and keep every thread too; on a GPU this does nothing.
+    product inside a block (the MLP's 256 x 1024) is ~0.26M multiply-adds, tens of
+    microseconds on one core, about what waking a second thread for half of it costs; and with
+    ``GOMP_SPINCOUNT=1000`` (:func:`set_wait_policy`) the idle threads are asleep by the next of
+    the token's many small kernels. (The output head is wider with a large vocabulary, but it
+    is one kernel of many.) ``python bench/generation.py --threads`` (bench/RESULTS.md,
+    2026-12-01): one thread samples model=tiny 1.7x and model=small 1.8x faster than two; at
+    width 384 and 768 (model=medium, GPT-2) the two are even, so wider models keep every
+    thread. Measured on 2 cores only: the threshold is where splitting stopped paying there,
+    and more cores only add threads to wake. Many rows (``num_samples``) make every product as
+    many times larger and keep every thread too; on a GPU this does nothing.
+
+    ``device``: a resolved device (a ``torch.device``, or a string such as ``"cpu"`` or
+    ``"cuda:0"``), not ``"auto"``.
     """
     import torch
 
