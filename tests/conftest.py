@@ -156,6 +156,30 @@ def run_entry(script: str, *args: str, cwd: Path, timeout: int = 180, env: dict 
     )
 
 
+def run_python(code: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 180):
+    """``python -c CODE`` in a fresh interpreter (for what only a whole process shows: its
+    imports, its environment, its state at exit); returns CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def entry_point_code(script: str, *args: str) -> str:
+    """Code for :func:`run_python` that runs the entry point src/<script> with ``args`` as
+    ``__main__``, so that code after it (or an ``atexit`` hook before it) can inspect the
+    process the entry point left."""
+    return (
+        "import runpy, sys\n"
+        f"sys.argv = [{str(SRC / script)!r}, *{list(args)!r}]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+
+
 def run_dirs(cwd: Path, task: str = "train") -> list[Path]:
     """The single-run directories train.py made under ``cwd`` (``logs/<task>/runs/*``)."""
     return sorted((cwd / "logs" / task / "runs").glob("*"))

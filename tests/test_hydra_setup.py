@@ -16,7 +16,7 @@ from omegaconf import OmegaConf, read_write
 from nanoforge import hydra_setup
 from nanoforge.errors import UserError
 from nanoforge.hydra_setup import expand_resume, parallel_jobs
-from tests.conftest import SRC, compose, run_dirs, run_entry
+from tests.conftest import SRC, compose, entry_point_code, run_dirs, run_entry, run_python
 
 
 # --------------------------------------------------------------------------- resume=RUN_DIR
@@ -244,12 +244,7 @@ def test_resume_replays_an_interpolation_as_written(tmp_path):
 
 # --------------------------------------------------------------------------- settle_imports
 def _python(code: str, cwd) -> str:
-    import subprocess
-    import sys
-
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=180
-    )
+    out = run_python(code, cwd=cwd)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -285,7 +280,7 @@ print("checked")
 
 
 _REPORT_AT_EXIT = """
-import atexit, gc, runpy, sys
+import atexit, gc, sys
 
 
 def report():  # which classes the garbage collector still walks, as the process exits
@@ -322,10 +317,7 @@ def test_every_entry_point_settles_its_imports(script, tiny_run, tmp_path):
         "generate.py": [f"ckpt={tiny_run}", "max_new_tokens=1"],
         "eval.py": [f"ckpt={tiny_run}", f"output={tmp_path / 'eval.json'}"],
     }[script]
-    code = _REPORT_AT_EXIT + (
-        f"sys.argv = [{str(SRC / script)!r}, *{args!r}]\n"
-        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
-    )
+    code = _REPORT_AT_EXIT + entry_point_code(script, *args)
     report = _python(code, tmp_path).strip().splitlines()[-3:]
     lightning = "None" if script == "generate.py" else "False"
     late = "True" if script == "train.py" else "None"  # so the freeze came before the work

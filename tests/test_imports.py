@@ -7,10 +7,8 @@ anywhere makes the sort fail and names the modules on it.
 
 import ast
 import graphlib
-import subprocess
-import sys
 
-from tests.conftest import SRC
+from tests.conftest import SRC, entry_point_code, run_python
 
 PACKAGE = SRC / "nanoforge"
 
@@ -72,20 +70,17 @@ def test_every_module_imports_in_a_fresh_interpreter_and_the_glue_imports_no_tor
         "    __import__(name)\n"
         "print('ok')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = run_python(code, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
 def test_generate_never_imports_lightning(tiny_run):
     """generate.py needs a checkpoint, the GPT and the tokenizer: importing Lightning would
     cost it ~3 s of start-up (torch._dynamo through lightning.fabric, torchmetrics, scipy)."""
-    code = (
-        "import runpy, sys\n"
-        f"sys.argv = ['generate.py', 'ckpt={tiny_run}', 'max_new_tokens=5', 'prompt=a']\n"
-        f"runpy.run_path({str(SRC / 'generate.py')!r}, run_name='__main__')\n"
+    code = entry_point_code("generate.py", f"ckpt={tiny_run}", "max_new_tokens=5", "prompt=a") + (
         "print('loaded:', sorted({m.split('.')[0] for m in sys.modules} & {'lightning', "
         "'pytorch_lightning', 'torchmetrics'}))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = run_python(code, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "loaded: []" in r.stdout, r.stdout

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from nanoforge import threads
 from nanoforge.errors import UserError
-from tests.conftest import SRC
+from tests.conftest import SRC, run_python
 
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5, "two", True])
@@ -47,9 +45,7 @@ def _entry_point_env(env: dict) -> str:
         "assert 'torch' not in sys.modules\n"
         "print(os.environ.get('OMP_WAIT_POLICY', '-'), os.environ.get('GOMP_SPINCOUNT', '-'))\n"
     )
-    r = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
-    )
+    r = run_python(code, env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()
 
