@@ -12,14 +12,23 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from nanoforge.callbacks import end_of_run
-from nanoforge.extension import BEST_AT_COOLDOWN, COOLDOWN_CKPT
+from nanoforge.callbacks import drop_samples_after, end_of_run
+from nanoforge.extension import (
+    BEST_AT_COOLDOWN,
+    COOLDOWN_CKPT,
+    Continuation,
+    describe,
+    extension_overrides,
+    plan,
+)
+from nanoforge.optim import OptimConfig
 from nanoforge.training import train
 from tests.conftest import compose_run, make_text, tb_dir
 
@@ -134,3 +143,90 @@ def test_the_set_aside_cool_down_leaves_no_trace_in_tensorboard(runs):
         assert [e.step for e in got.Scalars(tag)] == [e.step for e in want.Scalars(tag)], tag
     text = "samples/text_summary"
     assert [e.step for e in got.Tensors(text)] == [e.step for e in want.Tensors(text)]
+
+
+# --------------------------------------------------------------------------- where a resume starts
+def save_state(path: Path, step: int, max_steps: int, **optim) -> Path:
+    """A checkpoint holding only what ``extension.plan`` reads: step, plan, best path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "global_step": step,
+            "hyper_parameters": {"optim": asdict(OptimConfig(**optim))},
+            "nanoforge_schedule": {"max_steps": max_steps, "saved_at": 0.0},
+            "callbacks": {"RunCheckpoint{...}": {"best_model_path": str(path.parent / "b.ckpt")}},
+        },
+        path,
+    )
+    return path
+
+
+def test_a_finished_wsd_run_continues_from_its_cool_down_start(tmp_path):
+    last = save_state(tmp_path / "last.ckpt", 300, 300, warmup_steps=20)
+    save_state(tmp_path / COOLDOWN_CKPT, 240, 300, warmup_steps=20)
+    start = plan(last, OptimConfig(warmup_steps=20), 600)
+    assert start.path == tmp_path / COOLDOWN_CKPT and start.step == 240 and start.set_aside
+    assert start.message.startswith("extending the run from 300 to 600 steps: continuing from")
+    assert "its cool-down from step 240 to 300 is set aside" in start.message
+    # the same length again, or a run stopped before its cool-down: a plain resume
+    assert plan(last, OptimConfig(warmup_steps=20), 300) == Continuation(last, 300)
+    early = save_state(tmp_path / "early" / "last.ckpt", 200, 300, warmup_steps=20)
+    assert plan(early, OptimConfig(warmup_steps=20), 600) == Continuation(early, 200)
+    # a plan that departs before the cool-down start (a shorter run): say how the LR jumps
+    stopped = save_state(tmp_path / "stopped" / "last.ckpt", 280, 300, warmup_steps=20)
+    save_state(tmp_path / "stopped" / COOLDOWN_CKPT, 240, 300, warmup_steps=20)
+    start = plan(stopped, OptimConfig(warmup_steps=20), 290)
+    assert start.path == stopped and not start.set_aside
+    assert start.warning.startswith(
+        "shortening the run from 300 to 290 steps: its new schedule departs from the one it "
+        "was trained with at step 233"
+    )
+    assert "the learning rate goes from 0.0004 to 0.000255 at step 280" in start.warning
+    assert plan(last, OptimConfig(warmup_steps=20), 200) == Continuation(last, 300)  # done
+
+
+def test_an_explicit_decay_length_is_extended_by_the_hint_exactly(tmp_path):
+    last = save_state(tmp_path / "last.ckpt", 300, 300, decay_steps=250)
+    save_state(tmp_path / COOLDOWN_CKPT, 200, 300, decay_steps=250)
+    overrides = extension_overrides(describe(OptimConfig(decay_steps=250), 300), 300)
+    assert overrides == ["trainer.max_steps=600", "optim.decay_steps=500"]
+    start = plan(last, OptimConfig(decay_steps=500), 600)
+    assert start.set_aside and start.step == 200
+    # the same decay length: the LR stays at min_lr, as planned; nothing to set aside
+    assert plan(last, OptimConfig(decay_steps=250), 600) == Continuation(last, 300)
+
+
+def test_a_cosine_extension_says_it_re_warms_and_how_to_avoid_it(tmp_path):
+    cosine = {"schedule": "cosine", "warmup_steps": 20}
+    last = save_state(tmp_path / "last.ckpt", 300, 300, **cosine)
+    start = plan(last, OptimConfig(**cosine), 600)
+    assert start.path == last and not start.set_aside
+    assert start.warning.startswith(
+        "optim.schedule=cosine: extending the run from 300 to 600 steps stretches its cosine, "
+        "so it re-warms: the learning rate climbs back from 0.0001 to 0.000574 at step 300"
+    )
+    assert "add optim.decay_steps=300" in start.warning
+    # what the end-of-run block suggests does not re-warm it
+    overrides = extension_overrides(describe(OptimConfig(**cosine), 300), 300)
+    assert overrides == ["trainer.max_steps=600", "optim.decay_steps=300"]
+    assert plan(last, OptimConfig(**cosine, decay_steps=300), 600) == Continuation(last, 300)
+
+
+def test_a_run_without_a_cool_down_start_or_a_recorded_plan_resumes_as_asked(tmp_path):
+    last = save_state(tmp_path / "last.ckpt", 300, 300)
+    start = plan(last, OptimConfig(), 600)  # a run from before cooldown_start.ckpt
+    assert start.path == last and f"no {COOLDOWN_CKPT}" in start.warning
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save({"global_step": 300, "hyper_parameters": {"optim": {}}}, legacy)
+    assert plan(legacy, OptimConfig(), 600) == Continuation(legacy)
+
+
+def test_samples_after_the_resumed_step_are_dropped(tmp_path):
+    path = tmp_path / "samples.txt"
+    blocks = [f"===== step {s} =====\nline ===== step 99 =====\n\n" for s in (5, 10, 15)]
+    path.write_text("".join(blocks), encoding="utf-8")
+    drop_samples_after(path, 12)
+    assert path.read_text(encoding="utf-8") == "".join(blocks[:2])
+    drop_samples_after(path, 12)  # nothing more to drop
+    drop_samples_after(tmp_path / "none.txt", 3)  # no file: nothing to do
+    assert path.read_text(encoding="utf-8") == "".join(blocks[:2])

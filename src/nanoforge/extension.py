@@ -151,7 +151,7 @@ def plan(ckpt_path: str | os.PathLike, optim: OptimConfig, max_steps: int) -> Co
         return Continuation(asked)  # not ours, or from before plans were recorded: as asked
     step = int(ckpt.get("global_step", 0))
     differs = first_difference(*old, optim, max_steps, step)
-    if differs is None:  # the new plan gave every step so far the LR it was trained with
+    if differs is None or step >= max_steps:  # every step so far as planned, or none to go
         return Continuation(asked, step)
 
     cooldown = asked.parent / COOLDOWN_CKPT
@@ -179,7 +179,8 @@ def plan(ckpt_path: str | os.PathLike, optim: OptimConfig, max_steps: int) -> Co
 
 def _change(old: tuple[OptimConfig, int], optim: OptimConfig, max_steps: int) -> str:
     if old[1] != max_steps:
-        return f"extending the run from {old[1]:,} to {max_steps:,} steps"
+        verb = "extending" if max_steps > old[1] else "shortening"
+        return f"{verb} the run from {old[1]:,} to {max_steps:,} steps"
     return "the run's learning-rate schedule changed"
 
 
@@ -197,12 +198,16 @@ def _jump(
             f"(the learning rate stays at optim.min_lr), add optim.decay_steps={length}; "
             "runs with optim.schedule=wsd extend exactly"
         )
+    jump = (
+        f"; the learning rate goes from {was:.3g} to {now:.3g} at step {step:,}"
+        if was != now
+        else ""
+    )
     return (
-        f"{_change(old, optim, max_steps)}: the new schedule departs from the one this run "
-        f"was trained with at step {differs:,}, and no {COOLDOWN_CKPT} lets it continue from "
-        f"before that step: the learning rate goes from {was:.3g} to {now:.3g} at step "
-        f"{step:,}. To keep the old schedule, resume with its settings "
-        f"(optim.decay_steps={length} keeps its length)"
+        f"{_change(old, optim, max_steps)}: its new schedule departs from the one it was trained "
+        f"with at step {differs:,}, and no {COOLDOWN_CKPT} from before that step lets it retrace "
+        f"a run planned this way, so it goes on from step {step:,}{jump}. To keep the old "
+        f"schedule, resume with its settings (optim.decay_steps={length} keeps its length)"
     )
 
 

@@ -142,9 +142,7 @@ def lr_factor(step: int, config: OptimConfig, max_steps: int) -> float:
     """The multiplier of the base LR at ``step``: what the scheduler applies to each group."""
     o = config
     length = schedule_length(o, max_steps)
-    return (
-        lr_at(step, o.lr, o.min_lr, o.warmup_steps, length, o.schedule, o.cooldown_frac) / o.lr
-    )
+    return lr_at(step, o.lr, o.min_lr, o.warmup_steps, length, o.schedule, o.cooldown_frac) / o.lr
 
 
 def first_difference(
