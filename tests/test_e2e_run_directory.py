@@ -109,11 +109,24 @@ def test_another_runs_directory_is_refused_untouched_unless_overwrite(cwd):
     assert "another run's checkpoints" in line and "resume=R" in line and "overwrite=true" in line
     assert digest(cwd / "R") == before  # checkpoints, metrics, .hydra, train.log, events
 
+    (cwd / "R" / "checkpoints" / "notes.md").write_text("mine")  # the user's, kept
     r = train(cwd, "trainer.max_steps=10", "seed=7", "hydra.run.dir=R", "overwrite=true")
     assert r.returncode == 0, r.stderr[-2000:]
     metrics = json.loads((cwd / "R" / "metrics.json").read_text())
     assert metrics["steps"] == 10 and [h["step"] for h in metrics["history"]] == [10]
     assert len(list((cwd / "R" / "tensorboard").glob("*/events.*"))) == 1  # no mixed runs
+    assert (cwd / "R" / "checkpoints" / "notes.md").read_text() == "mine"
+
+    mine = cwd / "mine"  # a folder of the user's: refused, whatever overwrite says
+    mine.mkdir()
+    (mine / "metrics.json").write_text("{}")
+    (mine / "samples.txt").write_text("my notes")
+    r = train(cwd, "trainer.max_steps=10", "hydra.run.dir=mine", "overwrite=true")
+    assert "mine is not a nanoforge run directory and is not empty" in one_error_line(r)
+    assert digest(mine) == {
+        "metrics.json": hashlib.sha256(b"{}").hexdigest(),
+        "samples.txt": hashlib.sha256(b"my notes").hexdigest(),
+    }
 
 
 def test_two_processes_never_train_in_one_directory_and_kill_9_leaves_no_lock(cwd):
