@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -161,6 +162,32 @@ def test_a_resume_on_other_text_is_refused_and_keeps_the_runs_record(cwd):
     r = run_entry("train.py", "resume=R", "trainer.max_steps=30", cwd=cwd)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((cwd / "R" / "metrics.json").read_text())["steps"] == 30
+
+
+def test_a_checkpoint_save_past_ulimit_f_is_one_line_and_keeps_the_last_good_file(cwd):
+    """``ulimit -f`` below a checkpoint's size (what a full disk does too: the write fails),
+    set for the resumed process alone."""
+    import resource
+
+    checkpoints = digest(cwd / "R" / "checkpoints")
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (600_000, resource.RLIM_INFINITY))
+
+    r = subprocess.run(
+        [sys.executable, str(SRC / "train.py"), "resume=R", "trainer.max_steps=30"],
+        cwd=cwd,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        preexec_fn=limit,
+    )
+    line = one_error_line(r)
+    assert "error: the file size limit (ulimit -f) of 600,000 bytes was reached while" in line
+    assert re.search(r"saving \w+\.ckpt at step \d+; \S+ from step \d+ is intact", line), line
+    assert line.endswith(f"Raise it (ulimit -f), then resume: python src/train.py resume={cwd}/R")
+    assert digest(cwd / "R" / "checkpoints") == checkpoints  # nothing half-written
 
 
 def test_ckpt_path_of_another_model_size_is_one_line_and_leaves_no_directory(cwd):
