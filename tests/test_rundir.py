@@ -31,7 +31,9 @@ def make_run(log_dir: Path, name: str, started: float, *, metrics=None, ckpt=Tru
     OmegaConf.save(
         OmegaConf.create(["model=tiny", f"seed={name}"]), run / ".hydra" / "overrides.yaml"
     )
-    (run / ".hydra" / "config.yaml").write_text("task_name: train\nseed: 1\n")
+    (run / ".hydra" / "config.yaml").write_text(
+        "task_name: train\nmodel: {}\noptim: {}\ntrainer: {}\nckpt_path: null\nseed: 1\n"
+    )
     os.utime(run / ".hydra" / "config.yaml", (started, started))
     if ckpt:
         (run / "checkpoints").mkdir()
@@ -75,7 +77,7 @@ def test_a_folder_that_is_not_a_run_is_refused_unless_empty(tmp_path):
     # another program's Hydra output is not a training run either
     other = tmp_path / "other"
     (other / ".hydra").mkdir(parents=True)
-    (other / ".hydra" / "config.yaml").write_text("task_name: my_app\n")
+    (other / ".hydra" / "config.yaml").write_text("task_name: my_app\nmodel: {}\n")
     with pytest.raises(UserError, match="not a nanoforge run directory"):
         rundir.claim(other, ckpt_path=None)
     for fine in (tmp_path / "new", tmp_path / "empty"):  # missing or empty: ours to fill

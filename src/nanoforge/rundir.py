@@ -108,14 +108,16 @@ def lock(run_dir: Path) -> None:
 
 def is_training_run(run_dir: Path) -> bool:
     """True for a directory a nanoforge training run made: its lock file (every training
-    process takes it), or Hydra's record of a ``train`` task."""
+    process takes it), or Hydra's record of a training config (its top-level keys; an
+    experiment may name its task otherwise than ``train``)."""
     if (run_dir / LOCK_FILE).is_file():
         return True
     try:
         with open(run_dir / ".hydra" / "config.yaml", encoding="utf-8") as f:
-            return any(line.strip() == "task_name: train" for line in f)
+            keys = {line.split(":", 1)[0] for line in f if line[:1].isalpha()}
     except (OSError, UnicodeDecodeError):
         return False
+    return {"task_name", "model", "optim", "trainer", "ckpt_path"} <= keys
 
 
 def claim(run_dir: str | os.PathLike, ckpt_path: str | None, overwrite: bool = False) -> None:
