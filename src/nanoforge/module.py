@@ -176,7 +176,8 @@ class GPTModule(L.LightningModule):
         # resume that changes it can tell where the two plans part (nanoforge.extension)
         checkpoint["nanoforge_schedule"] = {
             "max_steps": int(self.trainer.max_steps),
-            "saved_at": time.time(),  # what the loggers wrote later is not in this state
+            # when: what the loggers write after this moment comes after this state
+            "saved_at": time.time(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

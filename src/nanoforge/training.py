@@ -235,10 +235,8 @@ def train(cfg: DictConfig) -> dict:
         step = check_resumable(
             ckpt_path, module.config.to_dict(), datamodule.state_dict(), tokenizer
         )
-        if start.message:
-            log.info(start.message)
-        else:
-            log.info(f"resuming from {ckpt_path}" + (f" at step {step}" if step else ""))
+        at = f" at step {step}" if step is not None else ""
+        log.info(start.message or f"resuming from {ckpt_path}{at}")
         if start.warning:
             log.warning(start.warning)
         if trainer.is_global_zero:  # the set-aside cool-down leaves the record
