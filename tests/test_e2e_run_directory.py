@@ -175,7 +175,7 @@ def test_a_checkpoint_save_past_ulimit_f_is_one_line_and_keeps_the_last_good_fil
         resource.setrlimit(resource.RLIMIT_FSIZE, (600_000, resource.RLIM_INFINITY))
 
     r = subprocess.run(
-        [sys.executable, str(SRC / "train.py"), "resume=R", "trainer.max_steps=30"],
+        [sys.executable, str(SRC / "train.py"), "resume=R", "trainer.max_steps=21"],
         cwd=cwd,
         env={**os.environ, "PYTHONHASHSEED": "0"},
         capture_output=True,
