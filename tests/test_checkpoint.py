@@ -192,6 +192,30 @@ def test_a_full_disk_is_one_line_naming_the_intact_checkpoint(tmp_path, monkeypa
     assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]  # no temporary left
 
 
+def test_the_file_size_limit_is_one_line_naming_the_intact_checkpoint(tmp_path):
+    """``ulimit -f``: the kernel refuses the write past the limit (EFBIG; Python ignores the
+    SIGXFSZ signal that would kill the process). Set here for this process, briefly."""
+    resource = pytest.importorskip("resource")  # POSIX
+
+    target = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 10, "w": torch.ones(3)}, target)
+    writer = AtomicCheckpointIO()  # a resumed run's writer: the step is read from the file
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))
+    try:
+        with pytest.raises(UserError) as e:
+            writer.save_checkpoint({"global_step": 20, "w": torch.zeros(100_000)}, target)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert str(e.value) == (
+        "the file size limit (ulimit -f) of 200,000 bytes was reached while saving last.ckpt "
+        f"at step 20; {target} from step 10 is intact. Raise it (ulimit -f), then resume: "
+        f"python src/train.py resume={tmp_path / 'run'}"
+    )
+    assert torch.load(target, weights_only=True)["global_step"] == 10
+    assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]  # no temporary left
+
+
 def test_config_differences_name_each_key_and_ignore_dropout():
     old = {"vocab_size": 65, "n_embd": 32, "n_head": 4, "dropout": 0.0}
     new = {"vocab_size": 65, "n_embd": 64, "n_head": 4, "dropout": 0.2, "attention": "reference"}

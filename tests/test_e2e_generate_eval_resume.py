@@ -91,7 +91,9 @@ def test_resume_with_ckpt_path(workdir, straight_run):
         cwd=workdir,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "step 50/50: val/loss=" in r.stdout and "step 10/50: val/loss=" not in r.stdout
+    # a longer decay: from where the cool-down began (step 32 of 40), as if planned for 50
+    assert "continuing from step 32, where the cool-down began" in r.stdout
+    assert "step 40/50: val/loss=" in r.stdout and "step 30/50: val/loss=" not in r.stdout
     assert (
         torch.load(workdir / "more/checkpoints/last.ckpt", weights_only=True)["global_step"] == 50
     )

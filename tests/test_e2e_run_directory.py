@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -109,11 +110,24 @@ def test_another_runs_directory_is_refused_untouched_unless_overwrite(cwd):
     assert "another run's checkpoints" in line and "resume=R" in line and "overwrite=true" in line
     assert digest(cwd / "R") == before  # checkpoints, metrics, .hydra, train.log, events
 
+    (cwd / "R" / "checkpoints" / "notes.md").write_text("mine")  # the user's, kept
     r = train(cwd, "trainer.max_steps=10", "seed=7", "hydra.run.dir=R", "overwrite=true")
     assert r.returncode == 0, r.stderr[-2000:]
     metrics = json.loads((cwd / "R" / "metrics.json").read_text())
     assert metrics["steps"] == 10 and [h["step"] for h in metrics["history"]] == [10]
     assert len(list((cwd / "R" / "tensorboard").glob("*/events.*"))) == 1  # no mixed runs
+    assert (cwd / "R" / "checkpoints" / "notes.md").read_text() == "mine"
+
+    mine = cwd / "mine"  # a folder of the user's: refused, whatever overwrite says
+    mine.mkdir()
+    (mine / "metrics.json").write_text("{}")
+    (mine / "samples.txt").write_text("my notes")
+    r = train(cwd, "trainer.max_steps=10", "hydra.run.dir=mine", "overwrite=true")
+    assert "mine is not a nanoforge run directory and is not empty" in one_error_line(r)
+    assert digest(mine) == {
+        "metrics.json": hashlib.sha256(b"{}").hexdigest(),
+        "samples.txt": hashlib.sha256(b"my notes").hexdigest(),
+    }
 
 
 def test_two_processes_never_train_in_one_directory_and_kill_9_leaves_no_lock(cwd):
@@ -148,6 +162,32 @@ def test_a_resume_on_other_text_is_refused_and_keeps_the_runs_record(cwd):
     r = run_entry("train.py", "resume=R", "trainer.max_steps=30", cwd=cwd)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((cwd / "R" / "metrics.json").read_text())["steps"] == 30
+
+
+def test_a_checkpoint_save_past_ulimit_f_is_one_line_and_keeps_the_last_good_file(cwd):
+    """``ulimit -f`` below a checkpoint's size (what a full disk does too: the write fails),
+    set for the resumed process alone."""
+    import resource
+
+    checkpoints = digest(cwd / "R" / "checkpoints")
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (600_000, resource.RLIM_INFINITY))
+
+    r = subprocess.run(
+        [sys.executable, str(SRC / "train.py"), "resume=R", "trainer.max_steps=21"],
+        cwd=cwd,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        preexec_fn=limit,
+    )
+    line = one_error_line(r)
+    assert "error: the file size limit (ulimit -f) of 600,000 bytes was reached while" in line
+    assert re.search(r"saving \w+\.ckpt at step \d+; \S+ from step \d+ is intact", line), line
+    assert line.endswith(f"Raise it (ulimit -f), then resume: python src/train.py resume={cwd}/R")
+    assert digest(cwd / "R" / "checkpoints") == checkpoints  # nothing half-written
 
 
 def test_ckpt_path_of_another_model_size_is_one_line_and_leaves_no_directory(cwd):

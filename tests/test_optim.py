@@ -20,10 +20,13 @@ from nanoforge.optim import (
     MuonFP32,
     OptimConfig,
     configure_optimizer,
+    cooldown_start,
+    first_difference,
     lr_at,
     muon_params,
     orthogonalize,
     param_groups,
+    wsd_cooldown_start,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,6 +89,28 @@ def test_wsd_schedule_warmup_stable_cooldown():
     assert all(a > b for a, b in itertools.pairwise(lrs[88:111]))  # linear cool-down
     assert lrs[99] == pytest.approx(lr - (11 / 22) * (lr - min_lr))
     assert lrs[110] == lrs[129] == min_lr
+
+
+def test_a_longer_wsd_plan_agrees_with_a_shorter_one_until_its_cool_down():
+    """What makes an extension exact: the cool-down never starts earlier in a longer plan, and
+    up to the shorter plan's cool-down start both give every step the same LR."""
+    for frac in (0.0, 0.1, 0.2, 0.5, 0.75, 1.0):
+        starts = [wsd_cooldown_start(10, d, frac) for d in range(1, 3000)]
+        assert starts == sorted(starts), frac
+    o = OptimConfig(warmup_steps=20)
+    start = cooldown_start(o, 300)
+    assert start == 240 and cooldown_start(OptimConfig(schedule="cosine"), 300) is None
+    assert first_difference(o, 300, o, 600, start) is None  # steps 0..240 alike
+    assert first_difference(o, 300, o, 600, 300) == start + 1  # 241: the short plan decays
+    # a fixed decay length: a longer run changes nothing, a longer decay is a longer plan
+    fixed = OptimConfig(warmup_steps=20, decay_steps=300)
+    assert first_difference(fixed, 300, fixed, 600, 600) is None
+    assert (
+        first_difference(fixed, 300, OptimConfig(warmup_steps=20, decay_steps=600), 600, 240)
+        is None
+    )
+    cosine = OptimConfig(warmup_steps=20, schedule="cosine")
+    assert first_difference(cosine, 300, cosine, 600, 300) == 21  # decays from the warmup on
 
 
 # --------------------------------------------------------------------------- AdamW

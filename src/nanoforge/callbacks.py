@@ -1,8 +1,8 @@
 """Callbacks Lightning does not ship: text samples, token throughput and a run summary.
 
-Checkpointing, the learning-rate monitor and the progress bar are Lightning's own
-(``ModelCheckpoint``, ``LearningRateMonitor``, ``TQDMProgressBar``), configured in
-``configs/callbacks/default.yaml``.
+Checkpointing is Lightning's ``ModelCheckpoint`` (best.ckpt, last.ckpt) with one more file,
+the state where the cool-down begins (:class:`RunCheckpoint`); the progress bar is Lightning's
+``TQDMProgressBar`` (``nanoforge.console``), configured in ``configs/callbacks/default.yaml``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import json
 import logging
 import math
 import os
+import re
+import shutil
 import signal
 import sys
 import threading
@@ -21,13 +23,16 @@ from typing import ClassVar
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from nanoforge import threads
 from nanoforge.errors import NonFiniteLossError, UserError
+from nanoforge.extension import BEST_AT_COOLDOWN, COOLDOWN_CKPT, describe, extension_overrides
 from nanoforge.io import atomic_write_bytes
+from nanoforge.optim import cooldown_start
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,12 @@ class TextSamples(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.samples = [(int(step), str(text)) for step, text in state_dict.get("samples", [])]
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # a resumed run writes on from its checkpoint's step: samples a killed process wrote
+        # after it, or a set-aside cool-down's (nanoforge.extension), are not this run's
+        if trainer.is_global_zero and not trainer.fast_dev_run:
+            drop_samples_after(self.output_dir / "samples.txt", trainer.global_step)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         unknown = pl_module.tokenizer.unknown_chars(self.prompt)
@@ -103,6 +114,80 @@ class TextSamples(L.Callback):
             ]
         model.train(was_training)
         return self.prompt + tok.decode(ids)
+
+
+_SAMPLE_HEADER = re.compile(r"^===== step (\d+) =====$", re.MULTILINE)
+
+
+def drop_samples_after(path: Path, step: int) -> None:
+    """Cut ``samples.txt`` before its first sample of a step after ``step`` (atomically;
+    nothing to do when there is none)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, UnicodeDecodeError):
+        return
+    later = next((m for m in _SAMPLE_HEADER.finditer(text) if int(m.group(1)) > step), None)
+    if later is not None:
+        atomic_write_bytes(path, text[: later.start()].encode("utf-8"))
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` (``best.ckpt``, ``last.ckpt`` at every validation), plus
+    the training state at the step where a ``wsd`` run's cool-down begins:
+    ``checkpoints/cooldown_start.ckpt``, and ``best.ckpt`` as it was then (a hard link,
+    ``cooldown_start.best.ckpt``). A finished run extended to more steps continues from there,
+    exactly as if it had been planned longer (``nanoforge.extension``).
+
+    The state is saved at the end of that step (``on_train_batch_end``); when a validation
+    follows at the same step, the state after it replaces that one, so a run continued from
+    it neither repeats nor skips the validation. Written like every checkpoint (atomically,
+    ``nanoforge.checkpoint_io``); a checkpoint callback runs after the other callbacks, so
+    their state is complete.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._cooldown_saved_at: int | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # once per step: with gradient accumulation, every micro-batch ends here
+        if self._cooldown_saved_at != trainer.global_step:
+            self._save_cooldown_start(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)  # best.ckpt and last.ckpt first
+        if not trainer.sanity_checking:
+            self._save_cooldown_start(trainer, pl_module)
+
+    def _save_cooldown_start(self, trainer, pl_module) -> None:
+        step = cooldown_start(pl_module.optim_config, trainer.max_steps)
+        if step is None or trainer.global_step != step or not self.dirpath:
+            return
+        if trainer.fast_dev_run or trainer.state.fn != "fit":
+            return
+        folder = Path(self.dirpath)
+        trainer.save_checkpoint(folder / COOLDOWN_CKPT)  # every rank: it gathers their state
+        self._cooldown_saved_at = step
+        if trainer.is_global_zero:
+            best = Path(self.best_model_path) if self.best_model_path else None
+            keep_file(best, folder / BEST_AT_COOLDOWN)
+
+
+def keep_file(source: Path | None, target: Path) -> None:
+    """``target`` becomes what ``source`` is now, whatever later replaces ``source`` (our
+    writers rename a new file over the old one): a hard link, else a copy; no ``source``
+    removes ``target``."""
+    if source is None or not source.is_file():
+        target.unlink(missing_ok=True)
+        return
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:  # a filesystem without hard links
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
 
 
 class TokenThroughput(L.Callback):
@@ -294,6 +379,8 @@ class RunSummary(L.Callback):
             "mfu": thr.mfu if thr else None,
             "peak_flops": thr.peak_flops if thr else None,
             "peak_memory_mb": peak_memory_mb(pl_module.device),
+            # what the end-of-run hint needs to extend the run as if planned longer
+            "schedule": describe(pl_module.optim_config, trainer.max_steps),
             "history": self.history,
         }
 
@@ -357,10 +444,17 @@ def end_of_run(summary: dict, run_dir: str | os.PathLike) -> str:
         f'  python src/generate.py ckpt={run} prompt="ROMEO:"',
         f"  python src/eval.py ckpt={run}",
         f"  python src/train.py resume={run}"
-        + (f" trainer.max_steps={2 * summary['steps']}" if summary["status"] == "finished" else ""),
+        + (" " + " ".join(extend(summary)) if summary["status"] == "finished" else ""),
         f"  tensorboard --logdir {run}",
     ]
     return "\n".join(lines)
+
+
+def extend(summary: dict) -> list[str]:
+    """The overrides after ``resume=RUN`` that extend a finished run to twice its steps, as
+    if it had been planned that long (``nanoforge.extension.extension_overrides``)."""
+    schedule = summary.get("schedule") or {"name": "wsd"}
+    return extension_overrides(schedule, summary["steps"])
 
 
 class ValidateAtEnd(L.Callback):

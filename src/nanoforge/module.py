@@ -11,6 +11,7 @@ schedule, which ``nanoforge.optim`` builds from ``cfg.optim``.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import lightning as L
@@ -171,6 +172,13 @@ class GPTModule(L.LightningModule):
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint["nanoforge_rng"] = rng
+        # the plan this state was trained under (hyper_parameters["optim"] + this length): a
+        # resume that changes it can tell where the two plans part (nanoforge.extension)
+        checkpoint["nanoforge_schedule"] = {
+            "max_steps": int(self.trainer.max_steps),
+            # when: what the loggers write after this moment comes after this state
+            "saved_at": time.time(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # applied when training starts, after everything else that may draw random numbers

@@ -4,6 +4,8 @@
 - :func:`param_groups`: weight decay on matrices only (nanoGPT's decay / no-decay groups).
 - :func:`lr_at`: the schedule, a pure function of the step: linear warmup, then
   warmup-stable-decay (``wsd``, the default) or a half cosine (``cosine``, nanoGPT's).
+  :func:`cooldown_start` and :func:`first_difference` say where two plans part: what lets a
+  finished ``wsd`` run be extended as if it had been planned longer (docs/extending-runs.md).
 - :func:`configure_optimizer`: AdamW (or Muon + AdamW) and the per-step scheduler, in the form
   Lightning's ``configure_optimizers`` returns.
 
@@ -99,13 +101,62 @@ def lr_at(
     if step >= decay_steps:
         return min_lr
     if schedule == "wsd":
-        cooldown_start = max(warmup_steps, decay_steps - round(cooldown_frac * decay_steps))
-        if step < cooldown_start:
+        start = wsd_cooldown_start(warmup_steps, decay_steps, cooldown_frac)
+        if step < start:
             return lr
-        progress = (step - cooldown_start) / max(1, decay_steps - cooldown_start)
+        progress = (step - start) / max(1, decay_steps - start)
         return lr - progress * (lr - min_lr)
     progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def wsd_cooldown_start(warmup_steps: int, decay_steps: int, cooldown_frac: float) -> int:
+    """The step where warmup-stable-decay's cool-down begins: the last ``cooldown_frac`` of
+    ``decay_steps``, never inside the warmup. It never moves earlier when ``decay_steps``
+    grows, which is what lets a finished run be extended exactly (:func:`cooldown_start`)."""
+    return max(warmup_steps, decay_steps - round(cooldown_frac * decay_steps))
+
+
+def schedule_length(config: OptimConfig, max_steps: int) -> int:
+    """Where the decay ends: ``optim.decay_steps``, else the run's ``trainer.max_steps``."""
+    return config.decay_steps or max(1, max_steps)
+
+
+def cooldown_start(config: OptimConfig, max_steps: int) -> int | None:
+    """The step where a ``wsd`` run's cool-down begins (None for ``cosine``, which decays from
+    the end of the warmup on).
+
+    Up to this step a run follows the same schedule as any run planned longer (warmup, then
+    the peak LR), and it draws the same batches (the stream is indexed by step): the
+    training state saved here (``checkpoints/cooldown_start.ckpt``,
+    :class:`nanoforge.callbacks.RunCheckpoint`) is the state of the longer run at this step,
+    so a finished run extended from it retraces the longer run exactly.
+    """
+    if config.schedule != "wsd":
+        return None
+    length = schedule_length(config, max_steps)
+    return wsd_cooldown_start(config.warmup_steps, length, config.cooldown_frac)
+
+
+def lr_factor(step: int, config: OptimConfig, max_steps: int) -> float:
+    """The multiplier of the base LR at ``step``: what the scheduler applies to each group."""
+    o = config
+    length = schedule_length(o, max_steps)
+    return lr_at(step, o.lr, o.min_lr, o.warmup_steps, length, o.schedule, o.cooldown_frac) / o.lr
+
+
+def first_difference(
+    old: OptimConfig, old_max_steps: int, new: OptimConfig, new_max_steps: int, upto: int
+) -> int | None:
+    """The first step in ``[0, upto]`` where the two schedules give another LR multiplier,
+    or None when they agree on all of them: then a run resumed at ``upto`` under ``new``
+    trains exactly as a run planned with ``new`` from the start would."""
+    if old == new and schedule_length(old, old_max_steps) == schedule_length(new, new_max_steps):
+        return None
+    for step in range(upto + 1):
+        if lr_factor(step, old, old_max_steps) != lr_factor(step, new, new_max_steps):
+            return step
+    return None
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -259,13 +310,6 @@ def configure_optimizer(
                 weight_decay=o.muon_weight_decay,
             ),
         )
-    decay_steps = o.decay_steps or max(1, max_steps)
     # one multiplier for every group: Muon's LR follows the same warmup and decay shape
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            lr_at(s, o.lr, o.min_lr, o.warmup_steps, decay_steps, o.schedule, o.cooldown_frac)
-            / o.lr
-        ),
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, o, max_steps))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -2,7 +2,9 @@
 
 - **No overwrites.** A directory that holds another run's checkpoints is refused, before
   anything in it is touched, unless this run resumes it (``resume=RUN_DIR``) or the user opted
-  in with ``overwrite=true`` (then its old outputs are removed first).
+  in with ``overwrite=true`` (then the files a run writes are removed first, and only those:
+  :data:`RUN_OUTPUTS`). A folder that is not a training run's is refused unless it is empty:
+  a run would write its ``metrics.json`` and ``samples.txt`` among the user's files.
 - **One process at a time.** A training process holds an OS lock on ``RUN_DIR/run.lock``
   (``flock``: it dies with the process, so ``kill -9`` never leaves a stale lock); a second
   process gets a one-line error with the holder's pid.
@@ -21,6 +23,7 @@ runs before Hydra writes into the directory; ``claim`` is also called by every t
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
 import os
 import shutil
@@ -38,18 +41,31 @@ from nanoforge.io import atomic_write_bytes, read_json
 
 LOCK_FILE = "run.lock"
 RECORD_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
-# what a run writes into its directory: removed by overwrite=true
-RUN_OUTPUTS = (
-    "checkpoints",
-    "tensorboard",
-    "csv",
-    "wandb",
-    "trackers.json",  # the MLflow / W&B run ids (nanoforge.loggers)
-    "samples.txt",
-    "metrics.json",
-    "eval.json",
-    "job_status.json",
-)
+# What a run writes into its directory, as glob patterns per folder: what overwrite=true
+# removes. Anything else (a file the user put into checkpoints/ or tensorboard/) stays.
+RUN_OUTPUTS = {
+    ".": (
+        "trackers.json",  # the MLflow / W&B run ids (nanoforge.loggers)
+        "samples.txt",
+        "metrics.json",
+        "eval.json",
+        "job_status.json",
+        "hpc_ckpt_*.ckpt",  # Lightning's, for a requeued SLURM job (nanoforge.slurm)
+    ),
+    # best, last, cooldown_start(.best) and the temporary files of their atomic writes
+    "checkpoints": ("*.ckpt", ".*.ckpt.*.tmp", ".*.ckpt.*.link"),
+    # Lightning's TensorBoardLogger: RUN/tensorboard/<run name>/ (nanoforge.loggers)
+    "tensorboard": (
+        "events.out.tfevents.*",
+        "hparams.yaml",
+        "*/events.out.tfevents.*",
+        "*/.events.out.tfevents.*.tmp",
+        "*/hparams.yaml",
+    ),
+    "csv": ("metrics.csv", "hparams.yaml"),  # Lightning's CSVLogger
+    # W&B's offline runs and the links and logs it keeps beside them
+    "wandb": ("offline-run-*", "run-*", "latest-run", "debug.log", "debug-internal.log"),
+}
 
 _held: dict[Path, int] = {}  # run dir -> file descriptor of its lock, for this process's life
 
@@ -90,13 +106,37 @@ def lock(run_dir: Path) -> None:
     _held[run_dir] = fd
 
 
+def is_training_run(run_dir: Path) -> bool:
+    """True for a directory a nanoforge training run made: its lock file (every training
+    process takes it), or Hydra's record of a training config (its top-level keys; an
+    experiment may name its task otherwise than ``train``)."""
+    if (run_dir / LOCK_FILE).is_file():
+        return True
+    try:
+        with open(run_dir / ".hydra" / "config.yaml", encoding="utf-8") as f:
+            keys = {line.split(":", 1)[0] for line in f if line[:1].isalpha()}
+    except (OSError, UnicodeDecodeError):
+        return False
+    return {"task_name", "model", "optim", "trainer", "ckpt_path"} <= keys
+
+
 def claim(run_dir: str | os.PathLike, ckpt_path: str | None, overwrite: bool = False) -> None:
-    """Make ``run_dir`` this run's: refuse another run's directory, lock it (rank 0 only)."""
+    """Make ``run_dir`` this run's: refuse a folder that is neither empty nor a training run,
+    and another run's directory; lock it (rank 0 only)."""
     if launcher_rank() != 0:  # DDP ranks > 0 share rank 0's directory (and its lock)
         return
     run_dir = Path(run_dir)
     if run_dir.resolve() in _held:
         return
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not is_training_run(run_dir):
+        held = sorted(p.name for p in run_dir.iterdir())
+        shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+        raise UserError(
+            f"{run_dir} is not a nanoforge run directory and is not empty (it holds {shown}); "
+            "nothing was changed: a run would write its metrics.json, samples.txt and "
+            "checkpoints among these files. Train in a new or empty directory (leave "
+            "hydra.run.dir unset for a fresh one under logs/)."
+        )
     another_run = bool(_checkpoints(run_dir)) and not _resumes(run_dir, ckpt_path)
     if another_run and not overwrite:
         raise UserError(
@@ -106,12 +146,26 @@ def claim(run_dir: str | os.PathLike, ckpt_path: str | None, overwrite: bool = F
         )
     lock(run_dir)
     if another_run:  # overwrite=true: the old run's outputs go, its lock is ours now
-        for name in RUN_OUTPUTS:
-            target = run_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
+        remove_outputs(run_dir)
+
+
+def remove_outputs(run_dir: Path) -> None:
+    """Remove what a run wrote into ``run_dir`` (:data:`RUN_OUTPUTS`), and the folders this
+    leaves empty; anything else stays."""
+    for folder, patterns in RUN_OUTPUTS.items():
+        base = run_dir / folder
+        for pattern in patterns:
+            # a plain name is looked up as it is: glob skips a link whose target is gone
+            literal = not any(c in pattern for c in "*?[")
+            for target in [base / pattern] if literal else base.glob(pattern):
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink(missing_ok=True)
+        if folder != "." and base.is_dir():
+            for sub, _, _ in os.walk(base, topdown=False):  # deepest first, links not followed
+                with contextlib.suppress(OSError):  # not empty: something of the user's
+                    os.rmdir(sub)
 
 
 class _RecordKeeper:
@@ -135,7 +189,8 @@ class _RecordKeeper:
             return None
 
     def restore_if_unsaved(self) -> None:
-        if not self.files or self._mtime() != self.last_mtime:
+        # a failed start may have removed the directory (hydra_setup.run): nothing to restore
+        if not self.files or self._mtime() != self.last_mtime or not self.folder.is_dir():
             return
         for name, data in self.files.items():
             if (self.folder / name).read_bytes() != data:

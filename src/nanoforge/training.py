@@ -19,15 +19,17 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from nanoforge import rundir, threads
+from nanoforge import extension, rundir, threads
 from nanoforge.callbacks import GracefulStop, RunSummary, TokenThroughput, end_of_run
 from nanoforge.checkpoint import check_resumable, config_differences, load_model, load_raw
 from nanoforge.console import quiet_libraries
 from nanoforge.errors import NonFiniteLossError, UserError, find_user_error
 from nanoforge.module import GPTModule
+from nanoforge.optim import OptimConfig
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +214,14 @@ def train(cfg: DictConfig) -> dict:
     check_config(cfg)  # before the data is read: a bad setting answers at once
     threads.apply(cfg.get("threads"))  # a parallel sweep's job has its share here already
     log.info(f"run directory: {cfg.paths.output_dir}")
+    # where a resume starts: a finished run extended to more steps continues from the step
+    # its cool-down began, as if it had been planned longer (nanoforge.extension)
+    start = None
+    if cfg.get("ckpt_path"):
+        start = extension.plan(
+            cfg.ckpt_path, OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True)),
+            cfg.trainer.max_steps,
+        )  # fmt: skip
     datamodule, module, trainer = build(cfg)
     n = module.model.num_params()
     log.info(
@@ -219,13 +229,18 @@ def train(cfg: DictConfig) -> dict:
         f"{len(datamodule.train_ids):,} train / {len(datamodule.val_ids):,} val tokens, "
         f"{trainer.max_steps:,} steps"
     )
-    ckpt_path = cfg.get("ckpt_path")
+    ckpt_path = str(start.path) if start is not None else None
     if ckpt_path:  # a clear error now for a foreign checkpoint, another model or other text
         tokenizer = module.tokenizer.state_dict()
         step = check_resumable(
             ckpt_path, module.config.to_dict(), datamodule.state_dict(), tokenizer
         )
-        log.info(f"resuming from {ckpt_path}" + (f" at step {step}" if step is not None else ""))
+        at = f" at step {step}" if step is not None else ""
+        log.info(start.message or f"resuming from {ckpt_path}{at}")
+        if start.warning:
+            log.warning(start.warning)
+        if trainer.is_global_zero:  # the set-aside cool-down leaves the record
+            start.apply([lg.log_dir for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)])
     # weights_only=True: resuming never unpickles code
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
