@@ -1,6 +1,6 @@
 """The README cannot drift from the code: its tutorial commands run, its console is what a run
-prints, its layout table names every module, and every relative link in it and in ``docs/``
-leads somewhere.
+prints, its layout table names every module, and every relative link in it, in ``docs/`` and
+in ``bench/*.md`` leads somewhere.
 
 The README is the tutorial (install, train, sample, the seven steps, the layout); the
 reference lives in ``docs/*.md``. These tests read both as a newcomer would: follow each link,
@@ -23,6 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
+BENCH_PAGES = sorted((ROOT / "bench").glob("*.md"))  # RESULTS.md, the benchmarks' README
 
 # what the tutorial's commands may be, and what the test does with each
 SKIPPED = {  # the test runs inside an installed checkout: these would install or recurse
@@ -106,6 +107,8 @@ def test_readme_is_a_short_tutorial_in_order():
     rows = [line for line in steps.splitlines() if re.match(r"^\| \d \|", line)]
     assert [r.split("|")[1].strip() for r in rows] == [str(k) for k in range(1, 8)]
     assert len(DOCS) >= 3
+    dated = re.findall(r"\b20\d\d-\d\d-\d\d\b", text)
+    assert not dated, f"dated figures belong in bench/RESULTS.md or docs/, not the README: {dated}"
     commands = tutorial_commands()
     for must in (["make", "install"], ["python", "src/train.py", "model=small"], ["make", "test"]):
         assert must in commands, f"README's tutorial lost {shlex.join(must)!r}"
@@ -183,7 +186,9 @@ def relative_links(page: Path) -> list[str]:
     return [t for t in targets if not re.match(r"^[a-z][a-z0-9+.-]*:", t)]  # not http:, mailto:
 
 
-@pytest.mark.parametrize("page", [README, *DOCS], ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize(
+    "page", [README, *DOCS, *BENCH_PAGES], ids=lambda p: str(p.relative_to(ROOT))
+)
 def test_every_relative_link_resolves(page):
     links = relative_links(page)
     if page == README:
