@@ -10,22 +10,22 @@ tied head gets its own int8 copy), so a GPT-2-sized model holds ~0.4x float32's 
 each token streams ~0.25x. That kernel reads the int8 weight and dequantizes it
 inside the GEMM, never writing a wider copy; it is what ``torch.compile`` lowers torchao's
 int8 weight-only layout to on a CPU. torchao without ``torch.compile`` dequantizes the whole
-weight to bfloat16 every call, which measured slower than float32 here (bench/RESULTS.md).
+weight to bfloat16 every call, which measured slower than float32 (bench/RESULTS.md).
 
 The kernel has two limits this module stays inside, both measured on torch 2.13
 (tests/test_int8.py covers them):
 
 * activations and scales in bfloat16. With float32 activations the kernel takes a slow
-  path (at GPT-2's shapes on this CPU, 2-6x slower than a plain float32 matmul).
+  path, slower than a plain float32 matmul (bench/RESULTS.md, the int8 entry of the log).
 * an input width that is a multiple of 16. Other widths give wrong numbers or crash in the
   kernel, unchecked; such a layer dequantizes its weight and runs ``F.linear`` instead:
   the same numbers, slower (a warning says so). Since other CPUs and torch versions run
   other kernel code, each layer's kernel is also checked once against the plain product
   when it is quantized, and a layer that disagrees falls back the same way.
 
-The kernel wins at one row: ~2x a bfloat16 matmul at GPT-2's shapes. At 8 rows it ties or
-trails bfloat16, and at 50 (a prompt's prefill, once) it is 2.5x slower: ``dtype=int8`` is
-for one sample at a time, ``bfloat16`` for many.
+The kernel wins at one row, where a product is all weight streaming. At 8 rows it ties or
+trails a bfloat16 matmul, and at 50 (a prompt's prefill, once) it is slower: ``dtype=int8``
+is for one sample at a time, ``bfloat16`` for many (figures: bench/RESULTS.md).
 """
 
 from __future__ import annotations

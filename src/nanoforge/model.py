@@ -4,7 +4,9 @@
               ─► n_layer × Block( x + Attention(LN(x)) ; x + MLP(LN(x)) )      (pre-LayerNorm)
               ─► final LayerNorm ─► LM head (weights tied to the token embedding) ─► logits
 
-Every concept is one small class. ``CausalSelfAttention`` runs PyTorch's fused
+The token ids come from any tokenizer (``nanoforge.tokenizer``: characters, or byte-level BPE
+up to GPT-2's 50,257 tokens); the model only sees ``vocab_size``. Every concept is one small
+class. ``CausalSelfAttention`` runs PyTorch's fused
 ``scaled_dot_product_attention``; ``reference_attention`` is the same maths written out
 (explicit causal mask + softmax), kept so tests can prove the fast path is right and so a
 reader can see what the fused kernel computes. ``GPT.generate`` decodes with a KV cache.
@@ -49,7 +51,8 @@ class GPTConfig:
     zero_init: bool = False  # output projections (and an untied head) start at zero
     tie_head: bool = True  # the LM head shares the token embedding's weights
     # recompute each block's activations in the backward pass instead of keeping them
-    # (non-reentrant torch.utils.checkpoint): less memory, ~1/3 more compute; same gradients
+    # (non-reentrant torch.utils.checkpoint): less memory, one more forward pass of each block
+    # in the backward; same gradients
     activation_checkpointing: bool = False
 
     def __post_init__(self):
@@ -140,8 +143,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class _RMSNormFunction(torch.autograd.Function):
     """y = x / rms(x) * w with its gradient written out: ``F.rms_norm`` is a chain of
     elementwise kernels on a CPU (square, mean, rsqrt, two products) that autograd
-    differentiates one by one; the closed form below takes 40% less time forward and back
-    (``tests/test_model.py`` checks it against ``F.rms_norm``)."""
+    differentiates one by one, saving each intermediate; the closed form below runs fewer
+    kernels and keeps two tensors, which made it faster forward and back on the CPUs measured
+    (bench/RESULTS.md, "What each idea is worth"; ``tests/test_model.py`` checks it against
+    ``F.rms_norm``)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -270,8 +275,9 @@ class CausalSelfAttention(nn.Module):
 
 class _ReLU2Function(torch.autograd.Function):
     """max(0, x)² keeping r = max(0, x) for the backward, 2·r·grad. Autograd's own path
-    (``F.relu(x).square()``) differentiates ``square`` as a power, which on a CPU took 3x
-    longer forward and back (with the RMSNorm below: ~5% of a ``fast_cpu`` step)."""
+    (``F.relu(x).square()``) differentiates ``square`` as a general power (``pow`` and its
+    derivative), a slower kernel on a CPU than one multiply (bench/RESULTS.md, "What each
+    idea is worth")."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -332,7 +338,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """A GPT-2 style decoder-only transformer over a character vocabulary."""
+    """A GPT-2 style decoder-only transformer over any token vocabulary (characters, BPE,
+    GPT-2's own): ``config`` sets its size and which architecture options are on."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -385,10 +392,11 @@ class GPT(nn.Module):
         how fast MKL streams it depends on the weight's memory order. Each Linear that does
         not shrink its input (attention's q/k/v and output, the MLP's first layer, the LM
         head) gets its (out, in) weight stored input-major, the memory order of its
-        transpose, as ``transformers``' GPT-2 ``Conv1D`` keeps it: 1.2-1.8x faster on this
-        project's CPU (bench/RESULTS.md); the MLP's 4x-wide-to-narrow projection is faster
-        as it is. Values, shapes and the state_dict stay the same. A ``dtype``
-        (``torch.bfloat16``) also casts the weights: half the bytes to stream.
+        transpose, as ``transformers``' GPT-2 ``Conv1D`` keeps it, which MKL streams faster
+        at batch 1; the MLP's 4x-wide-to-narrow projection is faster as it is (both measured:
+        bench/RESULTS.md, "What each idea is worth"). Values, shapes and the state_dict stay
+        the same. A ``dtype`` (``torch.bfloat16``) also casts the weights: half the bytes to
+        stream.
         """
         if dtype is not None:
             self.to(dtype)
@@ -454,7 +462,7 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
-    @torch.inference_mode()  # no autograd bookkeeping at all: ~10% faster per token than no_grad
+    @torch.inference_mode()  # no autograd bookkeeping at all: less work per token than no_grad
     def generate(
         self,
         idx: torch.Tensor,

@@ -5,13 +5,13 @@ PyTorch's CPU kernels run on an OpenMP thread pool, one thread per core by defau
 two parallel regions (thousands per training step of a small model) GNU OpenMP's threads
 *spin* (300,000 iterations) before sleeping. On a machine of its own that saves a wake-up; on
 a shared one (a second training, a test suite, another user) the spinning threads take the
-cores the working threads need: a `model=small` step went from 37 ms to 2.2 s beside another
-training. Sleeping at once (``OMP_WAIT_POLICY=PASSIVE``) removes the collapse but costs ~25%
-on an idle machine (every region pays a wake-up). Spinning 1,000 iterations
-(``GOMP_SPINCOUNT=1000``) measured best overall: 2-22% slower than the default alone (four
-runs; the spread is the machine's), within ~25% of PASSIVE beside a neighbour, where the
-default collapsed (bench/RESULTS.md, "Threads on a shared machine"), so that is the default
-here; ``GOMP_SPINCOUNT=300000`` brings GNU's back on a machine of your own.
+cores the working threads need, and a step can become tens of times slower. Sleeping at once
+(``OMP_WAIT_POLICY=PASSIVE``) removes the collapse but makes every parallel region pay a
+wake-up, a clear loss on an idle machine. Spinning 1,000 iterations
+(``GOMP_SPINCOUNT=1000``) is the compromise that measured best overall: a little slower than
+GNU's default alone, close to PASSIVE beside a neighbour, where the default collapsed
+(figures: bench/RESULTS.md, "What each idea is worth"), so it is the default here;
+``GOMP_SPINCOUNT=300000`` brings GNU's back on a machine of your own.
 
 GNU OpenMP (the one in PyPI's Linux wheels of torch) reads these once, when torch loads it:
 :func:`set_wait_policy` runs in every entry point before torch is imported
@@ -77,12 +77,13 @@ def decoding(width: int, device, rows: int = 1) -> Iterator[None]:
     microseconds on one core, about what waking a second thread for half of it costs; and with
     ``GOMP_SPINCOUNT=1000`` (:func:`set_wait_policy`) the idle threads are asleep by the next of
     the token's many small kernels. (The output head is wider with a large vocabulary, but it
-    is one kernel of many.) ``python bench/generation.py --threads`` (bench/RESULTS.md,
-    2026-12-01): one thread samples model=tiny 1.7x and model=small 1.8x faster than two; at
-    width 384 and 768 (model=medium, GPT-2) the two are even, so wider models keep every
-    thread. Measured on 2 cores only: the threshold is where splitting stopped paying there,
-    and more cores only add threads to wake. Many rows (``num_samples``) make every product as
-    many times larger and keep every thread too; on a GPU this does nothing.
+    is one kernel of many.) ``python bench/generation.py --threads`` measures it
+    (bench/RESULTS.md, "What each idea is worth"): one thread samples model=tiny and
+    model=small faster than two; at width 384 and 768 (model=medium, GPT-2) the two are even,
+    so wider models keep every thread. Measured on 2 cores only: the threshold is where
+    splitting stopped paying there, and more cores only add threads to wake. Many rows
+    (``num_samples``) make every product as many times larger and keep every thread too; on
+    a GPU this does nothing.
 
     ``device``: a resolved device (a ``torch.device``, or a string such as ``"cpu"`` or
     ``"cuda:0"``), not ``"auto"``.
