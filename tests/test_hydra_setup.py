@@ -16,7 +16,7 @@ from omegaconf import OmegaConf, read_write
 from nanoforge import hydra_setup
 from nanoforge.errors import UserError
 from nanoforge.hydra_setup import expand_resume, parallel_jobs
-from tests.conftest import SRC, compose, entry_point_code, run_dirs, run_entry, run_python
+from tests.helpers import SRC, compose, entry_point_code, run_dirs, run_entry, run_python
 
 
 # --------------------------------------------------------------------------- resume=RUN_DIR
