@@ -16,7 +16,7 @@ hydra_setup.setup()
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="export")
 def main(cfg: DictConfig) -> None:
-    from nanoforge.inference import export  # here: `--help` answers without loading torch
+    from nanoforge.export import export  # here: `--help` answers without loading torch
 
     hydra_setup.run(export, cfg)
 
