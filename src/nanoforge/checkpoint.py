@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from nanoforge.errors import UserError
-from nanoforge.hydra_setup import latest_run
 from nanoforge.model import GPT, GPTConfig
+from nanoforge.runs import latest_run
 from nanoforge.tokenizer import same_tokenizer, tokenizer_from_state
 
 
