@@ -8,12 +8,14 @@ directory exits 2 with one line).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from omegaconf import OmegaConf
 
 from nanoforge import cli
 from nanoforge.cli import expand_resume
-from tests.conftest import run_dirs, run_entry
+from tests.conftest import compose, run_dirs, run_entry
 
 
 # --------------------------------------------------------------------------- resume=RUN_DIR
@@ -123,3 +125,94 @@ def test_resume_replays_an_interpolation_as_written(tmp_path):
     )
     argv = expand_resume(["train.py", f"resume={run}"])
     assert "+callbacks.x.out=${paths.output_dir}" in argv  # not resolved (it cannot be, here)
+
+
+# --------------------------------------------------------------------------- resume= is data
+def test_resume_never_replays_a_recorded_override_that_runs_code(tmp_path, capsys):
+    """A run directory from elsewhere whose record builds ``shutil.copyfile(src, dst)`` as a
+    callback: replayed as before, composing and building the callbacks (what train.py does
+    next) replaced the user's file. Now the resume is refused before anything is built."""
+    from hydra.utils import instantiate
+
+    mine, replaced = tmp_path / "payload", tmp_path / "dotfile"
+    mine.write_text("the attacker's")
+    replaced.write_text("the user's")
+    recorded = [
+        "model=tiny",
+        "+callbacks.x._target_=shutil.copyfile",
+        f"+callbacks.x.src={mine}",
+        f"+callbacks.x.dst={replaced}",
+    ]
+    run = make_run(tmp_path / "run", recorded)
+    code = None
+    try:
+        argv = expand_resume(["train.py", f"resume={run}"])
+    except SystemExit as e:
+        code = e.code
+    else:  # what the run would do with it: compose, build each callback
+        cfg = compose([a for a in argv[1:] if not a.startswith(("hydra.", "ckpt_path="))])
+        for name in cfg.callbacks:
+            instantiate(cfg.callbacks[name])
+    assert replaced.read_text() == "the user's"
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "+callbacks.x._target_=shutil.copyfile" in err and "plain values" in err
+
+
+@pytest.mark.parametrize(
+    "override, why",
+    [
+        ("--config-dir=/tmp/theirs", "command-line flag"),
+        ("+callbacks.y={_target_:shutil.rmtree,path:/}", "_target_"),
+        ("+callbacks.z._partial_=true", "_target_"),
+        ("+tag=${oc.env:HOME}", "resolver"),
+        ("hydra.job.env_set.LD_PRELOAD=/tmp/x.so", "Hydra's own settings"),
+        ("hydra.searchpath=[file:///tmp/theirs]", "Hydra's own settings"),
+        ("callbacks=../../../tmp/theirs", "by a path"),
+    ],
+)
+def test_resume_refuses_each_kind_of_recorded_override_that_could_run_code(
+    tmp_path, capsys, override, why
+):
+    run = make_run(tmp_path / "run", ["model=tiny", override])
+    with pytest.raises(SystemExit):
+        expand_resume(["train.py", f"resume={run}"])
+    err = capsys.readouterr().err
+    assert why in err and err.count("\n") == 1, err
+    # given on the command line, it is the user's own: the recorded one is not replayed
+    key = override.split("=", 1)[0]
+    if not override.startswith("-"):
+        mine = f"{key}=mine"
+        assert expand_resume(["train.py", f"resume={run}", mine])[1:3] == ["model=tiny", mine]
+
+
+def test_resume_replays_plain_values_and_group_choices(tmp_path):
+    plain = [
+        "model=tiny",
+        "hydra/launcher=parallel",
+        "logger=[tensorboard,csv]",
+        "data.path=corpora/my text.txt",
+        "+tag=${paths.output_dir}",
+        "~seed",
+    ]
+    run = make_run(tmp_path / "run", plain)
+    assert expand_resume(["train.py", f"resume={run}"])[1:-2] == plain
+
+
+def test_a_record_that_is_not_a_list_of_overrides_is_one_line(tmp_path, capsys):
+    run = make_run(tmp_path / "run", ["model=tiny"])
+    (run / ".hydra" / "overrides.yaml").write_text("a: {b: 1}\n")
+    with pytest.raises(SystemExit):
+        expand_resume(["train.py", f"resume={run}"])
+    assert "not a list of overrides" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- last
+def test_resume_last_says_which_run_before_anything(tmp_path, monkeypatch, capsys):
+    run = make_run(tmp_path / "logs" / "train" / "runs" / "r1", ["model=tiny"])
+    (run / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    monkeypatch.chdir(tmp_path)
+    argv = expand_resume(["train.py", "resume=last"])
+    where = Path("logs/train/runs/r1")
+    assert argv[-2] == f"hydra.run.dir={where}"
+    assert capsys.readouterr().err == f"last = {where} (the most recent run with a checkpoint)\n"

@@ -187,13 +187,15 @@ def test_runs_are_listed_newest_first_with_status_loss_and_overrides(tmp_path):
     assert "no runs under" in runs.list_runs(tmp_path / "empty")
 
 
-def test_last_is_the_most_recent_run_with_a_checkpoint(tmp_path, monkeypatch):
+def test_last_is_the_most_recent_run_with_a_checkpoint(tmp_path, monkeypatch, capsys):
     now = time.time()
     older = make_run(tmp_path / "logs", "older", now - 60)
     make_run(tmp_path / "logs", "newest", now, ckpt=False)  # failed before any checkpoint
     monkeypatch.chdir(tmp_path)
     assert latest_run("logs") == Path("logs") / "train" / "runs" / "older"
     assert resolve_checkpoint("last") == Path("logs/train/runs/older/checkpoints/last.ckpt")
+    # ckpt=last, init_from=last: which run, before anything is loaded
+    assert capsys.readouterr().err.startswith(f"last = {Path('logs/train/runs/older')} (")
     argv = expand_resume(["train.py", "resume=last", "trainer.max_steps=9"])
     assert argv[-2:] == [
         f"hydra.run.dir={Path('logs/train/runs/older')}",

@@ -10,6 +10,7 @@ itself is :func:`nanoforge.errors.fail`. See docs/command-line.md.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -182,7 +183,7 @@ def expand_resume(argv: list[str]) -> list[str]:
     run, same samples.txt, same metrics.json. ``resume=last`` is the most recent run under
     ``logs/`` that has a ``last.ckpt``.
     """
-    from nanoforge.runs import latest_run
+    from nanoforge.runs import latest_run, say_last
 
     resume = [a for a in argv[1:] if a.startswith("resume=")]
     if not resume:
@@ -193,6 +194,7 @@ def expand_resume(argv: list[str]) -> list[str]:
             run_dir = latest_run("logs", ("last.ckpt",))
         except UserError as e:
             fail(f"resume={e}")
+        say_last(run_dir)
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     last = run_dir / "checkpoints" / "last.ckpt"
     if not overrides_file.is_file():
@@ -209,6 +211,66 @@ def expand_resume(argv: list[str]) -> list[str]:
     new_keys = {ov.key(a) for a in new if "=" in a}
     dropped = {"ckpt_path", "hydra.run.dir", "overwrite", "init_from"}
     # as written: an override like +x=${paths.output_dir} is replayed, not resolved here
-    recorded = [str(o) for o in OmegaConf.to_container(OmegaConf.load(overrides_file))]
+    recorded = _recorded(overrides_file)
     replay = [o for o in recorded if ov.key(o) not in new_keys | dropped]
+    for override in replay:
+        why = unsafe_override(override)
+        if why is not None:
+            fail(
+                f"resume={run_dir}: its recorded override {override!r} {why}; a resumed run "
+                "takes only plain values from a run directory. If the run is yours, pass the "
+                "override again on the command line (or leave it out to drop it)"
+            )
     return [argv[0], *replay, *new, f"hydra.run.dir={run_dir}", f"ckpt_path={last}"]
+
+
+def _recorded(overrides_file: Path) -> list[str]:
+    """The overrides a run recorded, as written; exit 2 when the file is not a list of them."""
+    try:
+        recorded = OmegaConf.to_container(OmegaConf.load(overrides_file))
+    except Exception as e:  # YAML that does not parse, or not OmegaConf's
+        fail(
+            f"{overrides_file}: unreadable ({type(e).__name__}); "
+            "resume a run directory whose record is intact"
+        )
+    if not isinstance(recorded, list) or not all(isinstance(o, str) for o in recorded):
+        fail(
+            f"{overrides_file}: not a list of overrides; "
+            "resume a run directory whose record is intact"
+        )
+    return recorded
+
+
+# Hydra's instantiation keys: an override that sets one (or a value that holds one) builds an
+# object of whatever class or function it names
+_INSTANTIATE = re.compile(r"_(target|args|partial|recursive|convert)_")
+# `${name:...}`: a resolver call (reads the environment, creates folders, ...), not a reference
+_RESOLVER = re.compile(r"\$\{\s*[\w.]+\s*:")
+
+
+def unsafe_override(override: str) -> str | None:
+    """Why a recorded override may not be replayed by ``resume=``, or None for a plain one.
+
+    Plain: a value for a config key (``trainer.max_steps=40``, ``data.path=x.txt``,
+    ``+tag=ok``, a reference ``${paths.output_dir}``) or a choice of a group's option
+    (``model=small``, ``hydra/launcher=slurm``; :func:`check_command_line` then checks the
+    option is one of this checkout's configs). Not plain: a command-line flag
+    (``--config-dir``), anything naming ``_target_`` or another instantiation key, a
+    resolver call ``${oc.env:...}``, Hydra's own settings (``hydra.searchpath``,
+    ``hydra.callbacks``, ``hydra.job.env_set``), a group option that is a path.
+    """
+    if override.startswith("-"):
+        return "is a command-line flag"
+    if "=" not in override and not override.startswith("~"):
+        return "is not an override"
+    key, value = ov.key(override), ov.value(override) or ""
+    if _INSTANTIATE.search(override):
+        return "names an object to build (_target_)"
+    if _RESOLVER.search(value):
+        return "calls a resolver (${name:...})"
+    if key == "hydra" or key.startswith("hydra."):
+        return "changes Hydra's own settings"
+    group_like = "/" in key or "." not in key  # model=, hydra/launcher=, +experiment=
+    if group_like and re.search(r"[/\\]|\.\.", value):
+        return "chooses a group option by a path"
+    return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -44,6 +45,11 @@ def latest_run(log_dir: str | os.PathLike = "logs", holding=("last.ckpt",)) -> P
         f"`last`: no run under {log_dir}/ has checkpoints/{' or '.join(holding)}. Pass a run "
         "directory instead (python src/runs.py lists them)."
     )
+
+
+def say_last(run_dir: Path) -> None:
+    """``last`` resolved: which run it chose, on stderr (stdout may be generated text)."""
+    print(f"last = {run_dir} (the most recent run with a checkpoint)", file=sys.stderr, flush=True)
 
 
 def run_status(run_dir: Path) -> tuple[str, dict]:
