@@ -14,7 +14,7 @@ from omegaconf import OmegaConf, read_write
 
 from nanoforge import hydra_setup
 from nanoforge.errors import UserError
-from tests.conftest import SRC, compose, entry_point_code, run_entry, run_python
+from tests.conftest import CONFIGS, SRC, compose, entry_point_code, run_entry, run_python
 
 
 # --------------------------------------------------------------------------- run()
@@ -202,3 +202,42 @@ def test_every_entry_point_settles_its_imports(script, tiny_run, tmp_path):
         f"Trainer walked: {lightning}",
         f"SummaryWriter walked: {late}",
     ]
+
+
+def help_text(entry: str, monkeypatch, capsys) -> str:
+    """What ``python src/<entry>.py --help`` prints, run in this process."""
+    import runpy
+    import sys
+
+    monkeypatch.setattr(sys, "argv", [str(SRC / f"{entry}.py"), "--help"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "entry, groups",
+    [
+        ("export", []),
+        ("generate", []),
+        ("eval", ["data"]),
+        ("prepare", ["data", "tokenizer"]),
+        # train reads them all (and experiment=, from experiments/)
+        (
+            "train",
+            [p.name for p in CONFIGS.iterdir() if p.is_dir() and p.name != "hydra"]
+            + ["experiment"],
+        ),
+    ],
+)
+def test_help_lists_only_what_the_entry_point_reads(entry, groups, monkeypatch, capsys):
+    """export.py's --help listed training's data, trainer and logger groups (issue 24)."""
+    text = help_text(entry, monkeypatch, capsys)
+    assert f"python src/{entry}.py" in text
+    listed, lines = [], iter(text.splitlines())
+    for line in lines:
+        if line.startswith("Groups"):
+            listed = [g.split(":")[0] for g in iter(lines.__next__, "")]
+    assert sorted(listed) == sorted(groups), text
+    assert "${" not in text and "is powered by Hydra" not in text, text

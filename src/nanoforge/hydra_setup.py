@@ -56,6 +56,9 @@ def register_resolvers() -> None:
     # `${experiments_help:}`: the experiments and their first comment line, for --help
     if not OmegaConf.has_resolver("experiments_help"):
         OmegaConf.register_new_resolver("experiments_help", experiments_help)
+    # `${config_groups:data,tokenizer}`: those groups and their options, for --help
+    if not OmegaConf.has_resolver("config_groups"):
+        OmegaConf.register_new_resolver("config_groups", config_groups)
     # `${slurm_gpus_per_node:...}`, `${slurm_tasks_per_node:...}`: hydra/launcher=slurm's requests
     from nanoforge.slurm import register_resolvers as register_slurm_resolvers
 
@@ -83,6 +86,16 @@ def experiments_help(folder: Path = EXPERIMENTS_DIR) -> str:
         if len(first) > 78:
             first = first[:77].rsplit(" ", 1)[0] + " …"
         lines.append(f"  {path.stem:<18} {first}")
+    return "\n".join(lines)
+
+
+def config_groups(*groups: str) -> str:
+    """One line per group for an entry point's ``--help``: ``data: default, pycode, ...``
+    (only the groups it reads; Hydra's ``$APP_CONFIG_GROUPS`` lists every group of configs/)."""
+    lines = []
+    for group in groups:
+        options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+        lines.append(f"{group}: {', '.join(options)}")
     return "\n".join(lines)
 
 
