@@ -86,6 +86,32 @@ def test_a_mistaken_override_is_one_line_exit_2_with_the_fix(args, expected, cap
     assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
 
 
+@pytest.mark.parametrize(
+    "entry, word, expected",
+    [
+        (
+            "generate",
+            "init_from=R",
+            "init_from is a key of train.py, not of generate.py: generate.py takes ckpt=R",
+        ),
+        (
+            "eval",
+            "resume=last",
+            "resume is a key of train.py, not of eval.py: eval.py takes ckpt=last",
+        ),
+        ("train", "ckpt=R", "train.py takes init_from (a new run from its weights) or resume"),
+        ("export", "data.path=x", "data.path is a key of train.py, prepare.py, not of export.py"),
+    ],
+)
+def test_a_key_of_another_entry_point_names_the_key_this_one_takes(entry, word, expected, capsys):
+    """It answered "init_from is not a config key ... +init_from=R", advice that adds a key
+    nothing reads."""
+    with pytest.raises(SystemExit):
+        cli.check_command_line([f"{entry}.py", word], entry)
+    err = capsys.readouterr().err
+    assert expected in err and "+" not in err and err.count("\n") == 1, err
+
+
 def test_good_overrides_pass_and_pasted_unicode_is_quoted_for_hydra():
     argv = ["generate.py", "prompt=Ω — “Romeo”", "temperature=0.5", "-m", "optim.lr=1e-3,3e-3"]
     assert cli.check_command_line(argv[:3], "generate") == [

@@ -153,6 +153,7 @@ def _compose(config_name: str, words: list[str]) -> DictConfig:
         if bad is None:
             fail(message)
         key = ov.key(bad)
+        _belongs_elsewhere(config_name, key, ov.value(bad))
         try:
             known = _all_keys(compose(config_name, overrides=[w for w in words if w is not bad]))
         except HydraException:
@@ -160,6 +161,53 @@ def _compose(config_name: str, words: list[str]) -> DictConfig:
         close = difflib.get_close_matches(key, known, n=3)
         hint = f"did you mean {' or '.join(close)}? " if close else ""
         fail(f"{key} is not a config key: {hint}(to add a new key: +{bad.lstrip('+~')})")
+
+
+ENTRY_POINTS = ("train", "generate", "eval", "export", "prepare")
+# a key of another entry point, given to this one: what this one takes instead
+_INSTEAD = {
+    ("init_from", "generate"): "ckpt",
+    ("init_from", "eval"): "ckpt",
+    ("init_from", "export"): "ckpt",
+    ("resume", "generate"): "ckpt",
+    ("resume", "eval"): "ckpt",
+    ("resume", "export"): "ckpt",
+    ("ckpt_path", "generate"): "ckpt",
+    ("ckpt_path", "eval"): "ckpt",
+    ("ckpt_path", "export"): "ckpt",
+    ("ckpt", "train"): "init_from (a new run from its weights) or resume (continue that run)",
+}
+
+
+def _belongs_elsewhere(config_name: str, key: str, value: str | None) -> None:
+    """Exit 2 when ``key`` is another entry point's (``generate.py init_from=DIR``): say whose,
+    and which key this entry point takes. (``+key=`` would add a key nothing reads.)"""
+    from hydra import compose
+    from hydra.errors import HydraException
+
+    owners = ["train"] if key == "resume" else []  # train.py reads it before Hydra
+    for other in ENTRY_POINTS:
+        if other == config_name or key == "resume":
+            continue
+        try:
+            cfg = compose(other)
+        except HydraException:
+            continue
+        if OmegaConf.select(cfg, key, default=_MISSING) is not _MISSING:
+            owners.append(other)
+    if not owners:
+        return
+    whose = ", ".join(f"{o}.py" for o in owners)
+    head = f"{key} is a key of {whose}, not of {config_name}.py"
+    instead = _INSTEAD.get((key, config_name))
+    if instead is None:
+        fail(f"{head} (python src/{config_name}.py --help lists what it reads)")
+    if " " in instead:
+        fail(f"{head}: {config_name}.py takes {instead}")
+    fail(f"{head}: {config_name}.py takes {instead}={value}")
+
+
+_MISSING = object()
 
 
 def _all_keys(cfg, prefix: str = "") -> list[str]:
