@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from nanoforge.errors import UserError
-from nanoforge.hydra_setup import latest_run
 from nanoforge.model import GPT, GPTConfig
+from nanoforge.runs import latest_run, say_last
 from nanoforge.tokenizer import same_tokenizer, tokenizer_from_state
 
 
@@ -27,6 +27,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if str(path) == "last" and not p.exists():
         p = latest_run("logs", ("best.ckpt", "last.ckpt"))
+        say_last(p)
     if not p.exists():
         raise UserError(
             f"checkpoint {str(p)!r} does not exist: pass a .ckpt file or a run directory"

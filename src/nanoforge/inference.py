@@ -237,19 +237,3 @@ def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
     atomic_write_bytes(target, (json.dumps(result, indent=2) + "\n").encode())
     out.write(f"wrote {target}\n")
     return result
-
-
-# --------------------------------------------------------------------------- export
-def export(cfg: DictConfig, out=sys.stdout) -> Path:
-    """The checkpoint ``cfg.ckpt`` as a Hugging Face GPT-2 directory ``cfg.out``."""
-    from nanoforge.hf import export_dir
-
-    if not cfg.get("out"):
-        raise UserError("no output directory given: pass out=DIR (e.g. out=exported)")
-    model, tokenizer, _ = load_model(cfg.ckpt)
-    path = export_dir(model, tokenizer, cfg.out, overwrite=bool(cfg.get("overwrite", False)))
-    out.write(
-        f"exported to {path}: load it with transformers' AutoModelForCausalLM.from_pretrained"
-        f"({str(path)!r}) and AutoTokenizer.from_pretrained({str(path)!r})\n"
-    )
-    return path

@@ -36,6 +36,7 @@ import numpy as np
 from nanoforge.corpora import Part, iter_bytes, iter_text
 from nanoforge.errors import UserError
 from nanoforge.io import atomic_write, atomic_write_bytes
+from nanoforge.machine import cpu_cores
 from nanoforge.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, tokenizer_from_state
 
 log = logging.getLogger(__name__)
@@ -129,13 +130,6 @@ def _ordered_map(fn, items: Iterable, workers: int) -> Iterator:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def _bar(total: int, desc: str):
@@ -335,7 +329,7 @@ def prepare(
         workers = 1
     else:  # characters need no cut points; NumPy releases the GIL, so threads share the work
         batches = _batched(_split_at(iter_text(parts), n_train_chars), 1)
-        workers = _cores()
+        workers = cpu_cores()
 
     def encode(batch: list[tuple[str, str]]) -> list[tuple[str, np.ndarray, int]]:
         if isinstance(tokenizer, BPETokenizer):
