@@ -195,8 +195,17 @@ class Engine:
 
     # ------------------------------------------------------------------ the engine's side
     def _loop(self) -> None:
+        before = torch.get_num_threads()
         if self.threads is not None:
             torch.set_num_threads(self.threads)  # OpenMP's count is per calling thread
+        try:
+            self._decode_until_stopped()
+        finally:
+            torch.set_num_threads(before)
+            for req in [*self.active, *self.waiting]:
+                req.done.set()
+
+    def _decode_until_stopped(self) -> None:
         with torch.inference_mode():
             while True:
                 with self.cond:
@@ -210,8 +219,6 @@ class Engine:
                     self.error = e
                     for req in [*self.active]:
                         self._finish(req, f"error: {type(e).__name__}: {e}")
-        for req in [*self.active, *self.waiting]:
-            req.done.set()
 
     def step(self) -> None:
         """Admit waiting requests into free slots (prefill), then one decoding step for all."""
