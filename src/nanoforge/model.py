@@ -285,8 +285,13 @@ class SlotKVCache:
         """Write this step's k, v (B, H, 1, D) at each row's slot and position; return each
         row's attention over its own slot (B, H, 1, D)."""
         kb, vb = self.k[layer], self.v[layer]
-        kb[self._slots, :, self.positions] = k[:, :, 0]
-        vb[self._slots, :, self.positions] = v[:, :, 0]
+        if len(self.groups) == 1:  # one group: neighbouring slots, one position
+            r0, r1, s, n = self.groups[0]
+            kb[s : s + r1 - r0, :, n - 1] = k[:, :, 0]
+            vb[s : s + r1 - r0, :, n - 1] = v[:, :, 0]
+        else:
+            kb[self._slots, :, self.positions] = k[:, :, 0]
+            vb[self._slots, :, self.positions] = v[:, :, 0]
         out = []
         for r0, r1, s, n in self.groups:
             qr, kr, vr = q[r0:r1], kb[s : s + r1 - r0, :, :n], vb[s : s + r1 - r0, :, :n]
