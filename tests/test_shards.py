@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanoforge import shards
+from nanoforge import documents, shards
 from nanoforge.corpora import open_corpus
 from nanoforge.data import RandomWindows
 from nanoforge.errors import UserError
@@ -158,3 +158,83 @@ def test_a_checkpoints_tokenizer_reuses_the_file_its_run_made(corpus, tmp_path):
     other = CharTokenizer(sorted(set(corpus.read_text(encoding="utf-8")) | {"~"}))
     shards.load_or_prepare(open_corpus("text", corpus), tokenizer=other, cache_dir=cache)
     assert len(files(cache)) == 2  # another vocabulary: another file
+
+
+def test_a_token_edited_in_place_or_an_edited_header_is_noticed_and_rebuilt(corpus, tmp_path):
+    """The header holds the sha256 of the .bin and of itself: a valid id changed in place, or
+    a header edited to other valid numbers, is not used but prepared again."""
+    cache = tmp_path / "cache"
+    good = shards.load_or_prepare(open_corpus("text", corpus), "char", None, 0.1, cache)
+    want = np.array(np.concatenate([good.train, good.val]))
+    data = bytearray(good.path.read_bytes())
+    data[100] = (data[100] + 1) % good.tokenizer.vocab_size  # still a valid id
+    good.path.write_bytes(bytes(data))
+    rebuilt = shards.load_or_prepare(open_corpus("text", corpus), "char", None, 0.1, cache)
+    assert np.array_equal(np.concatenate([rebuilt.train, rebuilt.val]), want)
+    header_file = good.path.with_suffix(".json")
+    header = json.loads(header_file.read_text())
+    header["n_train"] -= 1000  # a different split, same file size
+    header_file.write_text(json.dumps(header))
+    rebuilt = shards.load_or_prepare(open_corpus("text", corpus), "char", None, 0.1, cache)
+    assert rebuilt.header["n_train"] == header["n_train"] + 1000 == len(rebuilt.train)
+
+
+def test_a_cache_dir_that_cannot_be_made_is_one_line(corpus, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UserError, match=r"data.cache_dir .*a_file/cache.*cannot be written"):
+        shards.load_or_prepare(
+            open_corpus("text", corpus), "char", None, 0.1, tmp_path / "a_file/cache"
+        )
+
+
+def test_a_read_only_cache_dir_is_one_line(corpus, tmp_path, monkeypatch):
+    import errno
+
+    def read_only(path, write):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(shards, "atomic_write", read_only)
+    with pytest.raises(UserError, match="cannot be written .*Read-only file system"):
+        shards.load_or_prepare(open_corpus("text", corpus), "char", None, 0.1, tmp_path / "c")
+
+
+def test_a_file_size_limit_during_preparation_is_one_line_and_leaves_nothing(tmp_path):
+    """``ulimit -f`` (Python ignores SIGXFSZ, so the write fails with EFBIG)."""
+    import resource
+
+    big = tmp_path / "big.txt"
+    big.write_text(make_text(600_000, seed=4), encoding="utf-8")
+    cache = tmp_path / "cache"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, hard))
+    try:
+        with pytest.raises(UserError, match=r"file size limit \(ulimit -f\)"):
+            shards.load_or_prepare(open_corpus("text", big), "char", None, 0.1, cache)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert [p.suffix for p in cache.iterdir()] == [".lock"]
+
+
+@pytest.mark.parametrize("fault", ["ctrl-c", "full disk"])
+def test_ctrl_c_or_a_full_disk_while_preparing_is_one_line_and_leaves_nothing(
+    corpus, tmp_path, monkeypatch, fault
+):
+    import errno
+
+    real = shards.encode_stream
+
+    def interrupted(*args):
+        for i, item in enumerate(real(*args)):
+            if i == 3:
+                if fault == "ctrl-c":
+                    raise KeyboardInterrupt
+                raise OSError(errno.ENOSPC, "No space left on device")
+            yield item
+
+    monkeypatch.setattr(documents, "BLOCK", 1000)  # many pieces
+    monkeypatch.setattr(shards, "encode_stream", interrupted)
+    cache = tmp_path / "cache"
+    match = "interrupted .*nothing was kept" if fault == "ctrl-c" else "the disk is full"
+    with pytest.raises(UserError, match=match):
+        shards.load_or_prepare(open_corpus("text", corpus), "char", None, 0.1, cache)
+    assert [p.suffix for p in cache.iterdir()] == [".lock"]

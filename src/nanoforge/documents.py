@@ -21,7 +21,6 @@ from __future__ import annotations
 import codecs
 import errno
 import gzip
-import io
 import json
 import os
 import zlib
@@ -123,21 +122,43 @@ def string_pieces(text: str) -> Iterator[Piece]:
 
 
 # --------------------------------------------------------------------------- JSON Lines
-def _open_jsonl(path: Path) -> io.BufferedIOBase:
+def _zst_chunks(path: Path) -> Iterator[bytes]:
+    """The decompressed bytes of a ``.zst`` file (any number of frames); a file cut short
+    raises EOFError (a stream reader would end quietly)."""
+    try:
+        import zstandard
+    except ImportError:
+        raise UserError(
+            f"{path} is zstandard-compressed: install the data extra (pip install "
+            "'nanoforge[data]') or decompress it (zstd -d)."
+        ) from None
+    dctx = zstandard.ZstdDecompressor()
+    dobj, fed = dctx.decompressobj(), False
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            fed = True
+            while block:
+                yield dobj.decompress(block)
+                block = dobj.unused_data if dobj.eof else b""
+                if dobj.eof:
+                    dobj, fed = dctx.decompressobj(), bool(block)
+    if fed and not dobj.eof:
+        raise EOFError("the compressed stream ends inside a frame")
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    """The lines of a ``.jsonl`` file, plain, gzip- or zstandard-compressed."""
     name = path.name.lower()
-    if name.endswith(".gz"):
-        return gzip.open(path, "rb")
     if name.endswith(".zst"):
-        try:
-            import zstandard
-        except ImportError:
-            raise UserError(
-                f"{path} is zstandard-compressed: install the data extra (pip install "
-                "'nanoforge[data]') or decompress it (zstd -d)."
-            ) from None
-        raw = open(path, "rb")  # noqa: SIM115 (closed with the reader)
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
-    return open(path, "rb")
+        rest = b""
+        for chunk in _zst_chunks(path):
+            *lines, rest = (rest + chunk).split(b"\n")
+            yield from lines
+        if rest:
+            yield rest
+        return
+    with gzip.open(path, "rb") if name.endswith(".gz") else open(path, "rb") as f:
+        yield from f
 
 
 def _field(row, field: str, where: str) -> str:
@@ -153,35 +174,39 @@ def _field(row, field: str, where: str) -> str:
     return text
 
 
+def _corrupt(e: BaseException) -> bool:
+    """A cut or damaged archive (not a disk error: those keep their own message)."""
+    if isinstance(e, OSError):
+        return e.errno is None  # gzip's "Not a gzipped file", a CRC error
+    return isinstance(e, EOFError | zlib.error) or type(e).__name__ == "ZstdError"
+
+
 def jsonl_pieces(path: Path, field: str) -> Iterator[Piece]:
     """One document per line; blank lines are skipped."""
     line_no = 0
-    try:
-        with _open_jsonl(path) as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise UserError(
-                        f"{path} line {line_no} is not valid JSON ({e}): fix or remove the line."
-                    ) from None
-                yield _field(row, field, f"{path} line {line_no}"), True
-    except (EOFError, OSError, zlib.error) as e:
-        if isinstance(e, OSError) and e.errno is not None:
-            raise
-        raise UserError(
-            f"{path} is truncated or corrupt after line {line_no} ({e}): download or "
-            "compress it again."
-        ) from None
-    except Exception as e:  # zstandard.ZstdError, without importing zstandard here
-        if type(e).__name__ != "ZstdError":
-            raise
-        raise UserError(
-            f"{path} is truncated or corrupt after line {line_no} ({e}): download or "
-            "compress it again."
-        ) from None
+    lines = _lines(path)
+    while True:
+        try:
+            line = next(lines)
+        except StopIteration:
+            return
+        except Exception as e:
+            if not _corrupt(e):
+                raise
+            raise UserError(
+                f"{path} is truncated or corrupt after line {line_no} ({e}): download or "
+                "compress it again."
+            ) from None
+        line_no += 1
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise UserError(
+                f"{path} line {line_no} is not valid JSON ({e}): fix or remove the line."
+            ) from None
+        yield _field(row, field, f"{path} line {line_no}"), True
 
 
 # --------------------------------------------------------------------------- Parquet

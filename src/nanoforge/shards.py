@@ -47,7 +47,6 @@ from nanoforge.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, tokenize
 log = logging.getLogger(__name__)
 
 FORMAT = 2  # 2: <|endoftext|> after each BPE document; digests of the .bin and the header
-CHUNK_CHARS = 8 << 20
 BPE_CHUNK_CHARS = 1 << 16  # BPE encodes pieces of at most 64k characters ...
 BPE_BATCH_CHARS = 4 << 20  # ... about 4M characters of them at a time, on every core
 CHAR_SEPARATOR = "\n\n"  # between documents, for characters
@@ -99,7 +98,7 @@ def stream(corpus: Corpus, eot: bool) -> Iterator[str | _End]:
             has_text = False
 
 
-def iter_chunks(pieces: Iterable[str | _End], size: int = CHUNK_CHARS) -> Iterator[str | _End]:
+def iter_chunks(pieces: Iterable[str | _End], size: int = BPE_CHUNK_CHARS) -> Iterator[str | _End]:
     """The text of ``pieces`` re-cut into chunks of about ``size`` characters, each cut where
     the BPE pre-tokenizer would cut anyway (so chunk-wise encoding = whole-text encoding); a
     document's end flushes its text and passes on."""
