@@ -259,3 +259,30 @@ def test_generate_and_eval_work_unchanged_on_a_bpe_checkpoint(tmp_path, one_thre
         datamodule.tokenizer.decode(datamodule.val_ids[:1]).encode()
     )  # every scored token's bytes
     assert res["bpb"] == pytest.approx(res["loss"] * res["tokens"] / res["bytes"] / math.log(2))
+
+
+def test_sampling_stops_at_end_of_text_unless_told_to_go_on():
+    """A BPE model's <|endoftext|> ends the sample (streamed or batched); stop_at_eot=false
+    samples on past it."""
+    from nanoforge.inference import _sample
+    from nanoforge.tokenizer import BPETokenizer
+
+    tok = BPETokenizer.train([make_text(5000, seed=3)], vocab_size=300)
+    a, b, eot = tok.encode(" the")[0], tok.encode(" a")[0], tok.eot_id
+    script = [[a, a], [eot, b], [b, eot], [a, a]]  # step by step: row 0 ends at step 2, row 1 at 3
+
+    class Scripted:
+        def generate(self, idx, n, *args, **kw):
+            for step in script[:n]:
+                yield torch.tensor(step[: len(idx)])
+
+    def run(num_samples, stop=True):
+        cfg = OmegaConf.create(
+            {**dict(gen_cfg("x")), "num_samples": num_samples, "stop_at_eot": stop}
+        )
+        idx = torch.zeros(num_samples, 1, dtype=torch.long)
+        return _sample(Scripted(), tok, "P", idx, None, cfg, io.StringIO())
+
+    assert run(1) == ["P the"]
+    assert run(2) == ["P the", "P the a"]
+    assert run(1, stop=False) == ["P the<|endoftext|> a the"]

@@ -123,10 +123,14 @@ def _sample(model, tok, prompt: str, idx, g, cfg: DictConfig, out) -> list[str]:
         generator=g,
         use_cache=cfg.use_cache,
     )
+    # <|endoftext|> ends a document: sampling stops there (stop_at_eot=false goes on)
+    eot = tok.eot_id if cfg.get("stop_at_eot", True) else None
     if cfg.num_samples == 1:  # stream token by token
         out.write(prompt)
         pieces, pending = [], []
         for nxt in steps:
+            if eot is not None and int(nxt[0]) == eot:
+                break
             pending.extend(nxt.tolist())
             piece = tok.decode(pending)
             if piece.endswith("\ufffd"):  # a BPE token cut a UTF-8 character: wait for the rest
@@ -140,7 +144,16 @@ def _sample(model, tok, prompt: str, idx, g, cfg: DictConfig, out) -> list[str]:
             out.write(pieces[-1])
         out.write("\n")
         return [prompt + "".join(pieces)]
-    ids = torch.stack(list(steps), dim=1).tolist()
+    rows, done = [], torch.zeros(cfg.num_samples, dtype=torch.bool)
+    for nxt in steps:
+        rows.append(nxt)
+        if eot is not None:
+            done |= nxt.cpu() == eot
+            if done.all():
+                break
+    ids = torch.stack(rows, dim=1).tolist()
+    if eot is not None:
+        ids = [row[: row.index(eot)] if eot in row else row for row in ids]
     texts = [prompt + tok.decode(row) for row in ids]
     for i, text in enumerate(texts):
         out.write(f"----- sample {i + 1}/{len(texts)} -----\n{text}\n")
