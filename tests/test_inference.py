@@ -284,5 +284,6 @@ def test_sampling_stops_at_end_of_text_unless_told_to_go_on():
         return _sample(Scripted(), tok, "P", idx, None, cfg, io.StringIO())
 
     assert run(1) == ["P the"]
-    assert run(2) == ["P the", "P the a"]
-    assert run(1, stop=False) == ["P the<|endoftext|> a the"]
+    assert run(2) == ["P the", "P" + tok.decode([a, b])]
+    assert run(1, stop=False) == ["P" + tok.decode([a, eot, b, a])]
+    assert "<|endoftext|>" in run(1, stop=False)[0]
