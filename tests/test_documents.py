@@ -116,7 +116,11 @@ def _truncated_zst(p):
 
 
 BAD = [
-    ("bad.jsonl", lambda p: p.write_text('{"text": "ok"}\n{"text": 3}\n'), r"line 2 has a int"),
+    (
+        "bad.jsonl",
+        lambda p: p.write_text('{"text": "ok"}\n{"text": 3}\n'),
+        r"line 2 has a non-string \(int\)",
+    ),
     ("bad.jsonl", lambda p: p.write_text('{"text": "ok"}\n\n{"txt": "x"}\n'), r"line 3 has no"),
     ("bad.jsonl", lambda p: p.write_text('{"text": "ok"}\n{"text": "cut\n'), r"line 2 is not val"),
     ("bad.jsonl.gz", _truncated_gz, r"truncated or corrupt"),

@@ -19,6 +19,7 @@ resumes exactly: a resumed run restarts the stream at the batch index it had rea
 from __future__ import annotations
 
 import mmap
+import os
 from pathlib import Path
 
 import lightning as L
@@ -38,6 +39,15 @@ def batch_seed(seed: int, split: str, rank: int, index: int) -> int:
     """A well-mixed 63-bit seed for one batch (SeedSequence hashes the tuple)."""
     state = np.random.SeedSequence([seed, _SPLIT_IDS[split], rank, index]).generate_state(2)
     return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+def _absolute(path: str) -> str:
+    """``path`` made absolute, symlinks resolved where they can be (a symlink loop stays as
+    given: reading it is the one-line error of nanoforge.documents)."""
+    try:
+        return str(Path(path).expanduser().resolve())
+    except (OSError, RuntimeError):
+        return os.path.abspath(os.path.expanduser(path))
 
 
 def release_pages(data: np.ndarray) -> None:
@@ -191,14 +201,14 @@ class TextDataModule(L.LightningDataModule):
         self.save_hyperparameters(
             {
                 "corpus": corpus,
-                "path": str(Path(path).expanduser().resolve()) if path else None,
+                "path": _absolute(path) if path else None,
                 "tokenizer_kind": tokenizer_kind,
                 "vocab_size": int(vocab_size) if tokenizer_kind == "bpe" else None,
                 "block_size": block_size,
                 "batch_size": batch_size,
                 "val_fraction": val_fraction,
                 "val_batches": val_batches,
-                "cache_dir": str(Path(cache_dir).expanduser().resolve()) if cache_dir else None,
+                "cache_dir": _absolute(cache_dir) if cache_dir else None,
                 "num_workers": num_workers,
                 "seed": seed,
                 "text_field": text_field,

@@ -166,7 +166,7 @@ def _field(row, field: str, where: str) -> str:
         raise UserError(f"{where} is not a JSON object: each line must be {{{field!r}: ...}}.")
     text = row.get(field)
     if not isinstance(text, str):
-        what = "has no" if field not in row else f"has a {type(text).__name__} in its"
+        what = "has no" if field not in row else f"has a non-string ({type(text).__name__}) in its"
         raise UserError(
             f"{where} {what} {field!r} field (a string is needed): fix the row, or name the "
             f"text field with data.text_field=NAME (its fields: {', '.join(map(str, row))[:200]})."
