@@ -251,6 +251,21 @@ class BPETokenizer:
 TOKENIZER_KINDS = ("char", "bpe")
 
 
+def boundary_token(tokenizer) -> int:
+    """The token that marks where a text begins or ends: ``<|endoftext|>`` where the
+    vocabulary has it (GPT-2's), else the newline (character and nanoforge's BPE vocabularies
+    reserve no special token), else id 0. lm-evaluation-harness puts it before a text scored
+    with no context; an export declares it as BOS/EOS so both score alike."""
+    for text in ("<|endoftext|>", "\n"):
+        try:
+            ids = tokenizer.encode(text)
+        except UserError:  # a character vocabulary without that character
+            continue
+        if len(ids) == 1:
+            return int(ids[0])
+    return 0
+
+
 def tokenizer_from_state(state: dict) -> CharTokenizer | BPETokenizer:
     """The tokenizer a checkpoint carries (its ``state_dict()``), of whichever kind."""
     if not isinstance(state, dict):
