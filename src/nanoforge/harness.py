@@ -198,3 +198,97 @@ class NanoforgeLM(TemplateLM):
             if hits:
                 return text[: min(hits)]
         return text
+
+
+# --------------------------------------------------------------------------- eval.py tasks=
+def task_names(tasks) -> list[str]:
+    """``tasks=a,b`` (a string) or ``tasks=[a,b]`` (a list) -> ["a", "b"]."""
+    names = tasks.split(",") if isinstance(tasks, str) else [str(t) for t in tasks]
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise UserError("tasks= names no task: e.g. tasks=hellaswag,lambada_openai")
+    return names
+
+
+def task_manager(names: list[str], tasks_path: str | None):
+    """The harness's TaskManager that knows ``names``; one line naming the closest known
+    tasks for a name it does not know. The harness's own task catalogue (thousands of YAML
+    files, seconds to index) is read only when ``tasks_path`` does not hold them all."""
+    import difflib
+    from pathlib import Path
+
+    from lm_eval.tasks import TaskManager
+
+    if tasks_path:
+        folder = Path(tasks_path).expanduser()
+        if not folder.is_dir() or not any(folder.rglob("*.yaml")):
+            raise UserError(
+                f"tasks_path={str(folder)!r} holds no task YAML files: pass a folder of "
+                "lm-evaluation-harness task configs (*.yaml)"
+            )
+        manager = TaskManager(include_path=str(folder), include_defaults=False)
+        if set(names) <= set(manager.all_tasks):
+            return manager
+    manager = TaskManager(include_path=str(Path(tasks_path).expanduser()) if tasks_path else None)
+    known = manager.all_tasks
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+            hint = f"closest: {', '.join(close)}" if close else "see: lm_eval ls tasks"
+            raise UserError(f"unknown harness task {name!r} ({hint})")
+    return manager
+
+
+def evaluate_tasks(cfg, out) -> dict:
+    """``eval.py ckpt=RUN tasks=...``: the harness's tasks on a checkpoint; a table on the
+    console and the harness's metrics under ``tasks`` in eval.json."""
+    import json
+    import os
+
+    from lm_eval import simple_evaluate
+    from lm_eval.utils import make_table
+
+    from nanoforge.checkpoint import resolve_checkpoint
+    from nanoforge.inference import eval_json_path
+    from nanoforge.io import atomic_write_bytes, read_json
+
+    names = task_names(cfg.tasks)
+    limit = cfg.get("limit")
+    if limit is not None and not (isinstance(limit, int | float) and limit > 0):
+        raise UserError(f"limit must be a number of examples > 0 (or a fraction), got {limit!r}")
+    manager = task_manager(names, cfg.get("tasks_path"))
+    ckpt_path = resolve_checkpoint(cfg.ckpt)
+    lm = NanoforgeLM(
+        ckpt=str(ckpt_path),
+        batch_size=int(cfg.batch_size),
+        device=str(cfg.get("device", "auto")),
+        dtype=str(cfg.get("dtype") or "float32"),
+    )
+    seed = cfg.get("seed")
+    seeds = {} if seed is None else {"random_seed": int(seed), "numpy_random_seed": int(seed)}
+    results = simple_evaluate(
+        model=lm,
+        tasks=names,
+        num_fewshot=cfg.get("num_fewshot"),
+        limit=limit,
+        log_samples=bool(cfg.get("log_samples", False)),
+        bootstrap_iters=int(cfg.get("bootstrap_iters", 100000)),
+        task_manager=manager,
+        **seeds,
+    )
+    out.write(make_table(results) + "\n")
+    target = eval_json_path(cfg, ckpt_path)
+    record = read_json(target)
+    record = record if isinstance(record, dict) else {}
+    record["tasks"] = {
+        **(record.get("tasks") if isinstance(record.get("tasks"), dict) else {}),
+        **results["results"],
+    }
+    record.setdefault("checkpoint", str(ckpt_path.resolve()))
+    if cfg.get("log_samples"):  # per example, in the harness's format, beside eval.json
+        for task, samples in results.get("samples", {}).items():
+            lines = "".join(json.dumps(s, default=str) + "\n" for s in samples)
+            atomic_write_bytes(target.parent / f"samples_{task}.jsonl", lines.encode())
+    atomic_write_bytes(target, (json.dumps(record, indent=2, default=str) + "\n").encode())
+    out.write(f"wrote {target}{os.linesep}")
+    return record["tasks"]
