@@ -15,27 +15,12 @@ import pytest
 import torch
 
 from nanoforge.errors import UserError
+from tests.harness_tasks import MC, TEXT, write_tasks
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
-
-TEXT = (
-    "ROMEO: O, she doth teach the torches to burn bright!\n"
-    "JULIET: Good night, good night! Parting is such sweet sorrow.\n"
-) * 20
-MC = [
-    {"question": "ROMEO: O, she doth", "choices": [" teach", " burn", " night"], "answer": 0},
-    {"question": "JULIET: Good", "choices": [" sorrow", " night", " torches!"], "answer": 1},
-    {"question": "Parting is such", "choices": [" sweet", " bright", " she"], "answer": 0},
-    {"question": "", "choices": ["ROMEO", "JULIET"], "answer": 1},
-]
-LAST_WORD = [
-    {"text": "O, she doth teach the torches to burn bright"},
-    {"text": "Good night, good night! Parting is such sweet sorrow"},
-    {"text": ("JULIET: Good night, good night! " * 3) + "Parting"},  # longer than the context
-]
 
 
 def _checkpoint(folder, tokenizer, block_size: int = 32):
@@ -80,28 +65,7 @@ def exported(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tasks_path(tmp_path_factory):
-    """A folder of two harness tasks over local JSON lines: tiny_mc and tiny_lambada."""
-    root = tmp_path_factory.mktemp("tasks")
-    for name, rows in (("mc", MC), ("lambada", LAST_WORD)):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {path}\n"
-    data += f"  cache_dir: {root / 'cache'}\ntest_split: test\n"
-    (root / "tiny_mc.yaml").write_text(
-        "task: tiny_mc\n"
-        + data.format(path=root / "mc.jsonl")
-        + "output_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
-        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\ntarget_delimiter: ''\n"
-        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
-    )
-    (root / "tiny_lambada.yaml").write_text(
-        "task: tiny_lambada\n"
-        + data.format(path=root / "lambada.jsonl")
-        + "output_type: loglikelihood\n"
-        "doc_to_text: \"{{text.split(' ')[:-1]|join(' ')}}\"\n"
-        "doc_to_target: \"{{' '+text.split(' ')[-1]}}\"\ntarget_delimiter: ''\n"
-        "metric_list:\n  - metric: perplexity\n  - metric: acc\n"
-    )
-    return root
+    return write_tasks(tmp_path_factory.mktemp("tasks"))
 
 
 def _requests():
@@ -221,3 +185,18 @@ def test_tasks_typed_with_a_comma_become_a_list():
         "limit=3",
     ]
     assert entry.task_list(["eval.py", "-m", "tasks=a,b"])[2] == "tasks=a,b"
+
+
+def test_a_character_model_names_the_characters_it_cannot_spell(exported):
+    from lm_eval.api.instance import Instance
+
+    from nanoforge.harness import NanoforgeLM
+
+    ckpt, _ = exported
+    lm = NanoforgeLM(ckpt=str(ckpt), device="cpu")
+    request = Instance("loglikelihood", {}, ("ROMEO:", " Zounds"), 0)
+    if lm.tok.kind == "char":
+        with pytest.raises(UserError, match="never saw: 'Z'"):
+            lm.loglikelihood([request])
+    else:  # byte-level BPE spells anything
+        assert lm.loglikelihood([request])[0][0] < 0

@@ -50,9 +50,11 @@ class NanoforgeLM(TemplateLM):
         device: str | None = "auto",
         dtype: str = "float32",
         max_gen_toks: int = 256,
+        quiet: bool = False,
         **_ignored,
     ) -> None:
         super().__init__()
+        self.quiet = quiet  # no progress bars (scores during training)
         from nanoforge.inference import pick_device
 
         self._device = pick_device(device or "auto")
@@ -87,12 +89,23 @@ class NanoforgeLM(TemplateLM):
         return f"nanoforge-{self.tok.kind}"
 
     def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
+        unknown = self.tok.unknown_chars(string)
+        if unknown:  # a character vocabulary cannot spell the task's text
+            shown = ", ".join(map(repr, unknown[:10]))
+            raise UserError(
+                f"the task's text has character(s) this character-level model never saw: "
+                f"{shown}. Score it with a model that can spell it (tokenizer=bpe, or a corpus "
+                "with these characters)"
+            )
         return [int(i) for i in self.tok.encode(string)]
 
     def tok_decode(self, tokens) -> str:
         return self.tok.decode(tokens)
 
     # --- scoring
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or self.quiet)
+
     @torch.no_grad()
     def _score_rows(self, rows: list[tuple[list[int], int]]):
         """rows: (input tokens, number of continuation tokens at their end, the last input
@@ -292,3 +305,10 @@ def evaluate_tasks(cfg, out) -> dict:
     atomic_write_bytes(target, (json.dumps(record, indent=2, default=str) + "\n").encode())
     out.write(f"wrote {target}{os.linesep}")
     return record["tasks"]
+
+
+if __name__ == "__main__":  # the harness's own command line, with the nanoforge model known:
+    # python -m nanoforge.harness run --model nanoforge --model_args ckpt=RUN --tasks hellaswag
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
