@@ -373,3 +373,43 @@ def test_export_entry_task_exports_a_trained_checkpoint(tiny_run, tmp_path):
         assert (model(ids)[0] - ref(ids).logits).abs().max().item() < 1e-4
     with pytest.raises(UserError, match="out="):
         export(OmegaConf.create({"ckpt": str(tiny_run), "out": None}))
+
+
+@pytest.mark.parametrize(
+    ("n_positions", "error"),
+    [(4_000_000_000, "above the limit"), (1 << 20, r"wpe.weight has shape \(32, 32\)")],
+)
+def test_a_config_json_claiming_huge_sizes_is_refused_before_allocating(
+    hf_dir, tmp_path, monkeypatch, n_positions, error
+):
+    import nanoforge.hf as hf
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built from an unchecked config.json")
+
+    monkeypatch.setattr(hf, "GPT", never)
+    d = _copy(hf_dir, tmp_path / "claims")
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "n_positions": n_positions}))
+    with pytest.raises(UserError, match=error):
+        hf.load_hf_dir(d)
+
+
+def test_a_char_export_loads_back_as_a_char_tokenizer_and_names_unknown_prompt_chars(tmp_path):
+    from omegaconf import OmegaConf
+
+    from nanoforge.checkpoint import load_model
+    from nanoforge.hf import export_dir
+    from nanoforge.inference import generate
+
+    model, tok = _char_model()
+    out = export_dir(model, tok, tmp_path / "exported")
+    _, back, _ = load_model(out)
+    assert back == tok  # the same CharTokenizer: bits per character, unknown characters
+    cfg = OmegaConf.create(
+        {"ckpt": str(out), "prompt": "ROMEO: Zounds", "max_new_tokens": 4, "temperature": 0.0}
+        | {"top_k": None, "top_p": None, "num_samples": 1, "seed": 0, "device": "cpu"}
+        | {"use_cache": True, "dtype": "float32"}
+    )
+    with pytest.raises(UserError, match="never saw: 'Z'"):
+        generate(cfg, io.StringIO())

@@ -216,3 +216,15 @@ def test_generate_and_eval_work_unchanged_on_a_bpe_checkpoint(tmp_path, one_thre
         datamodule.tokenizer.decode(datamodule.val_ids[:1]).encode()
     )  # every scored token's bytes
     assert res["bpb"] == pytest.approx(res["loss"] * res["tokens"] / res["bytes"] / math.log(2))
+
+
+def test_greedy_decoding_from_nan_weights_is_an_error_not_text(tiny_run, tmp_path):
+    ckpt = torch.load(tiny_run / "checkpoints" / "last.ckpt", weights_only=True)
+    for name, value in ckpt["state_dict"].items():
+        if name.endswith("ln_f.weight"):
+            value.fill_(float("nan"))
+    torch.save(ckpt, tmp_path / "nan.ckpt")
+    out = io.StringIO()
+    with pytest.raises(UserError, match="not finite"):
+        generate(gen_cfg(tmp_path / "nan.ckpt", temperature=0.0, num_samples=2), out=out)
+    assert out.getvalue() == ""

@@ -104,9 +104,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         if k.startswith("model.")
     }
     check_weights_fit(config, state, repr(str(p)))  # before GPT() allocates anything
-    if tokenizer.vocab_size > config.vocab_size:
+    if tokenizer.vocab_size != config.vocab_size:  # training makes them equal
         raise UserError(
-            f"{str(p)!r}: its tokenizer has {tokenizer.vocab_size} tokens but the model only "
+            f"{str(p)!r}: its tokenizer has {tokenizer.vocab_size} tokens but its model "
             f"{config.vocab_size}: a tampered or mismatched checkpoint; use one nanoforge saved"
         )
     model = GPT(config)

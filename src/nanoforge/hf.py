@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from nanoforge.errors import UserError
-from nanoforge.model import GPT, GPTConfig
+from nanoforge.model import GPT, GPTConfig, check_weights_fit
 from nanoforge.tokenizer import BPETokenizer, CharTokenizer, boundary_token
 
 # GPT-2's activation names in config.json -> ours
@@ -85,9 +85,29 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
         raise UserError(f"{where}: config.json is not a GPT-2 config ({e})") from None
 
 
+def _char_vocabulary(tok_json: str) -> list[str] | None:
+    """The characters of a character vocabulary exported by nanoforge (a WordLevel model of
+    single characters in sorted order, see :func:`char_tokenizer_json`), else None."""
+    try:
+        model = json.loads(tok_json).get("model") or {}
+    except (ValueError, AttributeError):
+        return None
+    if model.get("type") != "WordLevel" or not isinstance(model.get("vocab"), dict):
+        return None
+    by_id = sorted(model["vocab"].items(), key=lambda kv: kv[1])
+    chars = [c for c, _ in by_id]
+    if [i for _, i in by_id] != list(range(len(chars))) or chars != sorted(set(chars)):
+        return None
+    return chars if all(isinstance(c, str) and len(c) == 1 for c in chars) else None
+
+
 def _read_tokenizer(d: Path):
     if (d / "tokenizer.json").is_file():
-        return BPETokenizer.from_hf_json((d / "tokenizer.json").read_text(encoding="utf-8"))
+        tok_json = (d / "tokenizer.json").read_text(encoding="utf-8")
+        chars = _char_vocabulary(tok_json)
+        if chars:  # our character export: the same CharTokenizer as the checkpoint had
+            return CharTokenizer(chars)
+        return BPETokenizer.from_hf_json(tok_json)
     if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -131,8 +151,6 @@ def load_hf_dir(path: str | os.PathLike):
         raise UserError(f"{str(weights)!r} is not a readable safetensors file ({e})") from None
     # save_pretrained writes "transformer.h.0..."; OpenAI's original upload has "h.0..."
     tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
-    model = GPT(config)
-    state = model.state_dict()
     expected = {"wte.weight": "wte.weight", "wpe.weight": "wpe.weight"}
     expected |= {"ln_f.weight": "ln_f.weight", "ln_f.bias": "ln_f.bias"}
     if not config.tie_head:
@@ -160,6 +178,16 @@ def load_hf_dir(path: str | os.PathLike):
             f"{str(weights)!r} holds tensor(s) {', '.join(unknown[:5])} that no GPT-2 with "
             f"config.json's {config.n_layer} layers has: a mismatched directory"
         )
+    # the sizes config.json claims, against the tensors, before GPT() allocates for them
+    sizes = {k: tensors[v] for k, v in expected.items() if k in ("wte.weight", "wpe.weight")}
+    sizes |= {k: tensors[expected[k]] for k in ("lm_head.weight",) if k in expected}
+    sizes |= {
+        f"blocks.{i}.attn.c_attn.weight": tensors[f"h.{i}.attn.c_attn.weight"].t()
+        for i in range(config.n_layer)
+    }
+    check_weights_fit(config, sizes, where)
+    model = GPT(config)
+    state = model.state_dict()
     new_state = {}
     for ours, theirs in expected.items():
         t = tensors[theirs]

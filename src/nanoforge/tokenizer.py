@@ -202,7 +202,14 @@ class BPETokenizer:
         """Text -> array of token ids (int64)."""
         if not text:
             return np.zeros(0, dtype=np.int64)
-        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+        try:
+            ids = self._tok.encode(text, add_special_tokens=False).ids
+        except Exception as e:  # a foreign (not byte-level) vocabulary that cannot spell it
+            raise UserError(
+                f"the text cannot be written in this tokenizer's vocabulary ({e}): use text "
+                "the model's tokenizer can encode"
+            ) from None
+        return np.asarray(ids, dtype=np.int64)
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """Many texts at once, in parallel threads (the Rust side releases the GIL)."""
