@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from nanoforge import threads
 from nanoforge.checkpoint import load_model, recorded_data, resolve_checkpoint
 from nanoforge.errors import UserError
-from nanoforge.io import atomic_write_bytes
+from nanoforge.io import atomic_write_bytes, read_json
 from nanoforge.sampling import check_sampling_args
 
 # the keys of `data=...` that choose which text is scored (eval.py data=text data.path=FILE)
@@ -248,11 +248,28 @@ def evaluation_data(
     return TextDataModule(**args, tokenizer=tokenizer)
 
 
+def eval_json_path(cfg: DictConfig, ckpt_path: Path) -> Path:
+    """Where eval.json goes: ``output=``, else the checkpoint's run directory (inside a
+    Hugging Face directory)."""
+    if cfg.get("output"):
+        return Path(cfg.output)
+    if ckpt_path.is_dir():  # a Hugging Face model directory: eval.json goes inside it
+        return ckpt_path / "eval.json"
+    if ckpt_path.parent.name == "checkpoints":
+        return ckpt_path.parent.parent / "eval.json"
+    return ckpt_path.parent / "eval.json"
+
+
 def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
-    """Score a checkpoint on the whole validation split of its corpus (or of ``data=...``)."""
+    """Score a checkpoint on the whole validation split of its corpus (or of ``data=...``),
+    or, with ``tasks=``, on lm-evaluation-harness tasks (nanoforge.harness)."""
     from nanoforge.threads import apply
 
     apply(cfg.get("threads"))
+    if cfg.get("tasks"):
+        from nanoforge.harness import evaluate_tasks  # lm-eval: an extra, imported only here
+
+        return evaluate_tasks(cfg, out)
     device = pick_device(cfg.device)
     ckpt_path = resolve_checkpoint(cfg.ckpt)
     model, tok, ckpt = load_model(ckpt_path, device)
@@ -279,14 +296,10 @@ def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
         + f"val/bpb={result['bpb']:.4f} perplexity={result['perplexity']:.3f} "
         f"over {result['tokens']:,} tokens\n"
     )
-    if cfg.output:
-        target = Path(cfg.output)
-    elif ckpt_path.is_dir():  # a Hugging Face model directory: eval.json goes inside it
-        target = ckpt_path / "eval.json"
-    elif ckpt_path.parent.name == "checkpoints":
-        target = ckpt_path.parent.parent / "eval.json"
-    else:
-        target = ckpt_path.parent / "eval.json"
+    target = eval_json_path(cfg, ckpt_path)
+    previous = read_json(target)  # keep the harness scores an earlier tasks= run wrote
+    if isinstance(previous, dict) and isinstance(previous.get("tasks"), dict):
+        result["tasks"] = previous["tasks"]
     atomic_write_bytes(target, (json.dumps(result, indent=2) + "\n").encode())
     out.write(f"wrote {target}\n")
     return result
