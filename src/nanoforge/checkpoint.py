@@ -194,3 +194,15 @@ def check_resumable(
             f"text, start a new run from them: python src/train.py init_from={p} data.path=FILE"
         )
     return ckpt.get("global_step")
+
+
+def eval_json_path(cfg, ckpt_path: Path) -> Path:
+    """Where eval.json goes: ``output=``, else the checkpoint's run directory (inside a
+    Hugging Face directory)."""
+    if cfg.get("output"):
+        return Path(cfg.output)
+    if ckpt_path.is_dir():  # a Hugging Face model directory: eval.json goes inside it
+        return ckpt_path / "eval.json"
+    if ckpt_path.parent.name == "checkpoints":
+        return ckpt_path.parent.parent / "eval.json"
+    return ckpt_path.parent / "eval.json"

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from nanoforge import threads
-from nanoforge.checkpoint import load_model, recorded_data, resolve_checkpoint
+from nanoforge.checkpoint import eval_json_path, load_model, recorded_data, resolve_checkpoint
 from nanoforge.errors import UserError
 from nanoforge.io import atomic_write_bytes, read_json
+from nanoforge.machine import pick_device
 from nanoforge.sampling import check_sampling_args
 
 # the keys of `data=...` that choose which text is scored (eval.py data=text data.path=FILE)
@@ -30,31 +31,6 @@ DATA_SOURCE_KEYS = (
     "config",
     "split",
 )
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(
-            f"device={name!r} is not a device: use auto, cpu, cuda, cuda:N or mps"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            f"device={name} but torch {torch.__version__} sees no CUDA GPU: use device=cpu "
-            "(or auto), or install a CUDA build of torch (README: GPU machines)"
-        )
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"device={name}: this machine has {torch.cuda.device_count()} GPU(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("device=mps but this machine has no MPS: use device=cpu (or auto)")
-    return device
 
 
 # --------------------------------------------------------------------------- generation
@@ -246,18 +222,6 @@ def evaluation_data(
     from nanoforge.data import TextDataModule  # Lightning: only eval.py needs it, not generate.py
 
     return TextDataModule(**args, tokenizer=tokenizer)
-
-
-def eval_json_path(cfg: DictConfig, ckpt_path: Path) -> Path:
-    """Where eval.json goes: ``output=``, else the checkpoint's run directory (inside a
-    Hugging Face directory)."""
-    if cfg.get("output"):
-        return Path(cfg.output)
-    if ckpt_path.is_dir():  # a Hugging Face model directory: eval.json goes inside it
-        return ckpt_path / "eval.json"
-    if ckpt_path.parent.name == "checkpoints":
-        return ckpt_path.parent.parent / "eval.json"
-    return ckpt_path.parent / "eval.json"
 
 
 def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:

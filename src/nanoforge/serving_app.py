@@ -346,7 +346,8 @@ def build(cfg) -> Server:
     """The model of ``cfg.ckpt`` loaded for sampling, its engine (not started) and limits."""
     from nanoforge import threads
     from nanoforge.checkpoint import load_model, resolve_checkpoint
-    from nanoforge.inference import _prepare_for_sampling, check_decode_dtype, pick_device
+    from nanoforge.inference import _prepare_for_sampling, check_decode_dtype
+    from nanoforge.machine import pick_device
 
     if not cfg.get("ckpt"):
         raise UserError("no checkpoint given: pass ckpt=RUN_DIR (or ckpt=last)")
