@@ -46,6 +46,7 @@ from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogg
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
+from nanoforge import overrides as ov
 from nanoforge.errors import UserError
 from nanoforge.io import atomic_write_bytes, read_json
 
@@ -59,7 +60,7 @@ def overrides(given: list[str] | None = None) -> list[str]:
     """The command-line overrides (``given``, or this run's from Hydra, the swept keys first
     in a sweep) minus the ones that say where or how a run is kept: what tells runs apart."""
     given = _hydra_overrides() if given is None else given
-    return [o for o in given if not _key(o).startswith(_NOT_IN_NAME)]
+    return [o for o in given if not ov.key(o).startswith(_NOT_IN_NAME)]
 
 
 # what a run name keeps: letters and digits (any script), and ``_.,=+-@[]{}()``; anything else
@@ -94,12 +95,8 @@ def _hydra_overrides() -> list[str]:
         return overrides
     varied = set(_swept_keys(Path(hc.sweep.dir) / "multirun.yaml", overrides))
     varied |= {str(k) for k in (hc.sweeper.get("params") or {})}  # Optuna's search space
-    first = [o for o in overrides if _key(o) in varied]
-    return first + [o for o in overrides if _key(o) not in varied]
-
-
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
+    first = [o for o in overrides if ov.key(o) in varied]
+    return first + [o for o in overrides if ov.key(o) not in varied]
 
 
 def _swept_keys(multirun_yaml: Path, job_overrides: list[str]) -> list[str]:
@@ -111,7 +108,7 @@ def _swept_keys(multirun_yaml: Path, job_overrides: list[str]) -> list[str]:
         sweep = [str(o) for o in OmegaConf.to_container(task)]  # as written, unresolved
     except Exception:  # no file (a launcher that writes none): no order to improve
         return []
-    return [_key(o) for o in sweep if o not in job_overrides]
+    return [ov.key(o) for o in sweep if o not in job_overrides]
 
 
 def run_hparams(given: list[str] | None = None) -> dict[str, bool | int | float | str]:
@@ -119,7 +116,7 @@ def run_hparams(given: list[str] | None = None) -> dict[str, bool | int | float 
     settings that tell runs apart; the whole config is in hparams.yaml and .hydra/."""
     columns: dict[str, bool | int | float | str] = {}
     for o in overrides(given):
-        key = _key(o)
+        key = ov.key(o)
         if "=" not in o:
             continue
         value = o.split("=", 1)[1]
