@@ -129,6 +129,14 @@ def test_good_overrides_pass_and_pasted_unicode_is_quoted_for_hydra():
     )  # Hydra's own flags: Hydra answers
 
 
+def test_a_sweep_over_a_non_ascii_value_keeps_its_commas():
+    """`-m +tag=x,Ω` is two jobs (x and Ω), not one job with the literal "x,Ω"; without -m, a
+    pasted value with a comma stays one string; a list is one value either way."""
+    assert cli.check_command_line(["train.py", "-m", "+tag=x,Ω"], "train")[2] == '+tag="x","Ω"'
+    assert cli.check_command_line(["train.py", "+tag=x,Ω"], "train")[1] == '+tag="x,Ω"'
+    assert cli.check_command_line(["train.py", "-m", "+t=[a,Ω]"], "train")[2] == '+t="[a,Ω]"'
+
+
 @pytest.mark.slow
 def test_config_errors_answer_before_anything_runs(tmp_path):
     r = run_entry("train.py", "model=smal", cwd=tmp_path, timeout=60)
