@@ -185,6 +185,8 @@ def test_runs_are_listed_newest_first_with_status_loss_and_overrides(tmp_path):
     assert lines[2].split()[2] == "failed" and "multiruns/sweep/0" in lines[2]
     assert lines[3].split()[2:5] == ["finished", "50", "2.5000"]
     assert "no runs under" in runs.list_runs(tmp_path / "empty")
+    (tmp_path / "train" / "runs" / "new" / "metrics.json").write_text("[1, 2]")  # JSON, no object
+    assert runs.list_runs(tmp_path).splitlines()[1].split()[2] == "stopped"  # has last.ckpt
 
 
 def test_last_is_the_most_recent_run_with_a_checkpoint(tmp_path, monkeypatch, capsys):
