@@ -40,6 +40,19 @@ def test_samples_txt(tiny_run):
     assert "===== step 5 =====" in text and "===== step 10 =====" in text
 
 
+def test_the_default_sample_prompt_works_on_a_corpus_without_line_breaks(tmp_path):
+    from nanoforge.callbacks import TextSamples
+    from nanoforge.errors import UserError
+    from nanoforge.tokenizer import CharTokenizer
+
+    module = SimpleNamespace(tokenizer=CharTokenizer.from_text("to be or not to be"))
+    samples = TextSamples(str(tmp_path))  # prompt "\n", which this corpus lacks
+    samples.on_fit_start(None, module)
+    assert samples.prompt == " "  # a character the corpus has
+    with pytest.raises(UserError, match="has characters the corpus lacks"):
+        TextSamples(str(tmp_path), prompt="ROMEO").on_fit_start(None, module)  # chosen: said
+
+
 def test_end_of_run_says_how_it_ended_where_it_went_and_what_to_run_next(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "logs" / "train" / "runs" / "r1"
