@@ -99,13 +99,16 @@ def test_library_adverts_are_dropped_and_python_warnings_become_one_line(monkeyp
         rank_zero_info("💡 Tip: try installing litlogger")
         rank_zero_info("GPU available: False, used: False")
         rank_zero_info("TPU available: False, using: 0 TPU cores")  # on every CPU machine
+        # a resume is one line of ours ("resuming from ... at step N"), not three
+        rank_zero_info("Restoring states from the checkpoint path at run/checkpoints/last.ckpt")
+        rank_zero_info("Restored all states from the checkpoint at run/checkpoints/last.ckpt")
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.warn("a thing to know", UserWarning, stacklevel=1)
     finally:
         logging.captureWarnings(False)
     out = root_stream.getvalue()
-    assert "Tip" not in out and "TPU" not in out
+    assert "Tip" not in out and "TPU" not in out and "checkpoint" not in out
     assert out.count("GPU available: False, used: False") == 1
     assert "warning: a thing to know\n" in out and ".py:" not in out
 

@@ -74,11 +74,19 @@ class ConsoleHandler(logging.StreamHandler):
 
 
 class _NoAdverts(logging.Filter):
-    """Lightning's lines nobody acts on: its "💡 Tip" adverts, and "TPU available: False" on
-    a machine without one (the GPU line stays: it says which device trains)."""
+    """Lightning's lines nobody acts on: its "💡 Tip" adverts, "TPU available: False" on a
+    machine without one (the GPU line stays: it says which device trains), and its two lines
+    about restoring a checkpoint (a resume is one line of ours: "resuming from ... at step N")."""
+
+    DROPPED = (
+        "💡 Tip",
+        "TPU available: False",
+        "Restoring states from the checkpoint path at ",
+        "Restored all states from the checkpoint at ",
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(("💡 Tip", "TPU available: False"))
+        return not str(record.msg).startswith(self.DROPPED)
 
 
 def quiet_libraries() -> None:
