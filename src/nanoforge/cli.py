@@ -231,7 +231,7 @@ def expand_resume(argv: list[str]) -> list[str]:
     run, same samples.txt, same metrics.json. ``resume=last`` is the most recent run under
     ``logs/`` that has a ``last.ckpt``.
     """
-    from nanoforge.runs import latest_run, say_last
+    from nanoforge.runs import RESUME_OVERRIDES, latest_run, say_last
 
     resume = [a for a in argv[1:] if a.startswith("resume=")]
     if not resume:
@@ -257,7 +257,7 @@ def expand_resume(argv: list[str]) -> list[str]:
         )
     new = [a for a in argv[1:] if not a.startswith("resume=")]
     new_keys = {ov.key(a) for a in new if "=" in a}
-    dropped = {"ckpt_path", "hydra.run.dir", "overwrite", "init_from"}
+    dropped = {*RESUME_OVERRIDES, "overwrite", "init_from"}
     # as written: an override like +x=${paths.output_dir} is replayed, not resolved here
     recorded = _recorded(overrides_file)
     replay = [o for o in recorded if ov.key(o) not in new_keys | dropped]
