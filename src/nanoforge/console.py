@@ -30,7 +30,6 @@ import shlex
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
@@ -38,6 +37,7 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities import rank_zero_only
 
 from nanoforge.extension import extension_overrides
+from nanoforge.io import shown
 
 log = logging.getLogger("nanoforge")
 
@@ -128,24 +128,19 @@ def _duration(seconds: float) -> str:
     return f"{seconds}s"
 
 
-def _shown(path: str | os.PathLike) -> str:
-    """``path`` relative to the working directory when it lies below it (shorter to copy)."""
-    p = Path(path).resolve()
-    try:
-        return str(p.relative_to(Path.cwd()))
-    except ValueError:
-        return str(p)
-
-
-def end_of_run(summary: dict, run_dir: str | os.PathLike, prompt: str | None = None) -> str:
+def end_of_run(
+    summary: dict, run_dir: str | os.PathLike, prompt: str | None = None, next_steps: bool = True
+) -> str:
     """The lines a run ends with: how it ended, its losses, where it went, what to run next
-    (sampling with ``prompt``, the start of the run's own corpus: :func:`corpus_prompt`)."""
+    (sampling with ``prompt``, the start of the run's own corpus: :func:`corpus_prompt`). A
+    sweep's job leaves out what to run next: the sweep ends with one such block for all its
+    jobs (``nanoforge.report.end_of_sweep``)."""
 
     def fmt(key: str) -> str:
         value = summary.get(key)
         return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else "—"
 
-    run = _shown(run_dir)
+    run = shown(run_dir)
     tokens = summary.get("train_tokens_per_sec") or 0
     losses = "  ".join(  # val/bpc only where a token is a character
         f"{k} {fmt(k)}" for k in ("val/loss", "val/bpc", "val/bpb") if k != "val/bpc" or
@@ -159,7 +154,9 @@ def end_of_run(summary: dict, run_dir: str | os.PathLike, prompt: str | None = N
         f"  run dir   {run}",
     ]
     if summary.get("best/checkpoint"):
-        lines.append(f"  best      {_shown(summary['best/checkpoint'])}")
+        lines.append(f"  best      {shown(summary['best/checkpoint'])}")
+    if not next_steps:
+        return "\n".join(lines)
     lines += [
         "next:",
         f"  python src/generate.py ckpt={run}"

@@ -266,7 +266,8 @@ def _end(trainer, module, cfg: DictConfig, status: str, error: str = "") -> dict
     if trainer.is_global_zero and not trainer.fast_dev_run:
         # through logging: on the console and in train.log, for whoever tails a cluster job
         prompt = _prompt(trainer.datamodule)
-        log.info("end of run\n" + end_of_run(result, cfg.paths.output_dir, prompt))
+        text = end_of_run(result, cfg.paths.output_dir, prompt, next_steps=not _in_multirun())
+        log.info("end of run\n" + text)
     return result
 
 
@@ -276,3 +277,11 @@ def _prompt(datamodule) -> str | None:
         return corpus_prompt(datamodule.tokenizer.decode(datamodule.train_ids[:512]))
     except Exception:  # a datamodule without text (a test's): the hint has no prompt
         return None
+
+
+def _in_multirun() -> bool:
+    """A job of a sweep (``-m``): what to run next is said once, when the sweep ends."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
