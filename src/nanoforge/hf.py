@@ -106,12 +106,39 @@ def load_hf_dir(path: str | os.PathLike):
     """(GPT in eval mode, BPETokenizer, checkpoint-like dict) from a Hugging Face GPT-2 dir."""
     d = Path(path).expanduser()
     where = repr(str(d))
+    hf = _read_config(d, where)
+    weights = _weights_file(d, where)
+    config = config_from_hf(hf, where)
+    tokenizer = _read_tokenizer(d)
+    tensors = _read_tensors(weights)
+    expected, transposed = _tensor_names(config)
+    _check_names(tensors, expected, config, weights)
+    model = GPT(config)
+    model.load_state_dict(_our_state(model, tensors, expected, transposed, weights))
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UserError(
+            f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but config.json's "
+            f"vocab_size is {config.vocab_size}"
+        )
+    ckpt = {
+        "hyper_parameters": {"model": config.to_dict(), "tokenizer": tokenizer.state_dict()},
+        "source": "huggingface",
+    }
+    return model.eval(), tokenizer, ckpt
+
+
+def _read_config(d: Path, where: str) -> dict:
     try:
         hf = json.loads((d / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"{where}: config.json is unreadable ({e})") from None
     if not isinstance(hf, dict):
         raise UserError(f"{where}: config.json is not a JSON object")
+    return hf
+
+
+def _weights_file(d: Path, where: str) -> Path:
+    """``model.safetensors``; pickled weights are refused (loading them can run code)."""
     weights = d / "model.safetensors"
     if not weights.is_file():
         pickled = [n for n in ("pytorch_model.bin", "tf_model.h5") if (d / n).exists()]
@@ -122,8 +149,10 @@ def load_hf_dir(path: str | os.PathLike):
             else ""
         )
         raise UserError(f"{where} has no model.safetensors{extra}")
-    config = config_from_hf(hf, where)
-    tokenizer = _read_tokenizer(d)
+    return weights
+
+
+def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -132,9 +161,11 @@ def load_hf_dir(path: str | os.PathLike):
     except (SafetensorError, OSError) as e:
         raise UserError(f"{str(weights)!r} is not a readable safetensors file ({e})") from None
     # save_pretrained writes "transformer.h.0..."; OpenAI's original upload has "h.0..."
-    tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
-    model = GPT(config)
-    state = model.state_dict()
+    return {k.removeprefix("transformer."): v for k, v in tensors.items()}
+
+
+def _tensor_names(config: GPTConfig) -> tuple[dict[str, str], set[str]]:
+    """Our state-dict name -> GPT-2's, and which of ours are GPT-2's Conv1D (transposed)."""
     expected = {"wte.weight": "wte.weight", "wpe.weight": "wpe.weight"}
     expected |= {"ln_f.weight": "ln_f.weight", "ln_f.bias": "ln_f.bias"}
     if not config.tie_head:
@@ -145,6 +176,11 @@ def load_hf_dir(path: str | os.PathLike):
             expected[f"blocks.{i}.{ours}"] = f"h.{i}.{theirs}"
             if conv:
                 transposed.add(f"blocks.{i}.{ours}")
+    return expected, transposed
+
+
+def _check_names(tensors: dict, expected: dict[str, str], config: GPTConfig, weights: Path):
+    """Every tensor config.json implies is there, and no tensor is left over."""
     missing = sorted(theirs for theirs in expected.values() if theirs not in tensors)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -162,6 +198,11 @@ def load_hf_dir(path: str | os.PathLike):
             f"{str(weights)!r} holds tensor(s) {', '.join(unknown[:5])} that no GPT-2 with "
             f"config.json's {config.n_layer} layers has: a mismatched directory"
         )
+
+
+def _our_state(model: GPT, tensors: dict, expected: dict, transposed: set, weights: Path) -> dict:
+    """GPT-2's tensors under our names, transposed where GPT-2 used Conv1D, shapes checked."""
+    state = model.state_dict()
     new_state = {}
     for ours, theirs in expected.items():
         t = tensors[theirs]
@@ -174,19 +215,9 @@ def load_hf_dir(path: str | os.PathLike):
                 f"config.json implies {implied}"
             )
         new_state[ours] = t.to(torch.float32)
-    if config.tie_head:
+    if model.config.tie_head:
         new_state["lm_head.weight"] = new_state["wte.weight"]
-    model.load_state_dict(new_state)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise UserError(
-            f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but config.json's "
-            f"vocab_size is {config.vocab_size}"
-        )
-    ckpt = {
-        "hyper_parameters": {"model": config.to_dict(), "tokenizer": tokenizer.state_dict()},
-        "source": "huggingface",
-    }
-    return model.eval(), tokenizer, ckpt
+    return new_state
 
 
 # --------------------------------------------------------------------------- export
