@@ -20,8 +20,12 @@ def export(cfg: DictConfig, out=sys.stdout) -> Path:
         raise UserError("no output directory given: pass out=DIR (e.g. out=exported)")
     model, tokenizer, _ = load_model(cfg.ckpt)
     path = export_dir(model, tokenizer, cfg.out, overwrite=bool(cfg.get("overwrite", False)))
+    n = model.config.block_size
     out.write(
         f"exported to {path}: load it with transformers' AutoModelForCausalLM.from_pretrained"
         f"({str(path)!r}) and AutoTokenizer.from_pretrained({str(path)!r})\n"
+        f"context: {n} tokens. transformers' generate() stops there by default "
+        f"(generation_config.json); keep prompt + max_new_tokens <= {n}, as GPT-2's learned "
+        "positions cannot slide (nanoforge's own sampler, generate.py, does)\n"
     )
     return path

@@ -34,6 +34,7 @@ import contextlib
 import importlib
 import json
 import logging
+import os
 import re
 import secrets
 import string
@@ -62,11 +63,21 @@ def overrides(given: list[str] | None = None) -> list[str]:
     return [o for o in given if not ov.key(o).startswith(_NOT_IN_NAME)]
 
 
+# what a run name keeps: letters and digits (any script), and ``_.,=+-@[]{}()``; anything else
+# becomes ``_``: a path separator would nest the run a level down, and TensorBoard's logger
+# runs os.path.expandvars/expanduser on its folder (``$_``, ``$HOME``, ``~`` would move it)
+_UNSAFE = re.compile(r"[^\w.,=+\-@\[\]{}()]+")
+
+
 def run_name(given: list[str] | None = None, max_len: int = 120) -> str:
     """A readable TensorBoard run name from the command-line overrides (Hydra's, by default):
-    ``model=tiny,optim.lr=0.001``; ``default`` for a run with none."""
-    name = ",".join(overrides(given)) or "default"
-    name = re.sub(r"[/\\\s]+", "_", name)  # a path separator would nest the run a level down
+    ``model=tiny,optim.lr=0.001``; ``default`` for a run with none. Safe as a folder name for
+    any library: no ``$``, ``~``, path separator, ``..`` or leading dot."""
+    # Hydra escapes an interpolation in a sweep job's overrides (x=$\{paths.output_dir\}):
+    # the name shows it as written, without the `$` (x={paths.output_dir})
+    name = ",".join(re.sub(r"\\(?=\W)|\$", "", o) for o in overrides(given))
+    name = _UNSAFE.sub("_", name)
+    name = re.sub(r"\.{2,}", ".", name).lstrip(".") or "default"
     return name if len(name) <= max_len else name[: max_len - 1] + "…"
 
 
@@ -146,6 +157,15 @@ class TensorBoard(TensorBoardLogger):
         kwargs["default_hp_metric"] = False  # no fake hp_metric scalar at step 0
         super().__init__(save_dir, name=name, version=version, **kwargs)
         self.metric_tags = tuple(metrics)
+
+    @property
+    def log_dir(self) -> str:
+        """``<save_dir>/<name>/<version>`` as given: Lightning's own runs os.path.expandvars
+        and expanduser on it, so a ``$NAME`` in the run directory (``hydra.run.dir=out/$X``,
+        quoted from the shell) would send the events to another folder."""
+        version = self.version if isinstance(self.version, str) else f"version_{self.version}"
+        parts = [self.root_dir, version, *([self.sub_dir] if isinstance(self.sub_dir, str) else [])]
+        return os.path.join(*parts)
 
     @rank_zero_only
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
