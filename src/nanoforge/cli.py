@@ -163,18 +163,14 @@ def _compose(config_name: str, words: list[str]) -> DictConfig:
         fail(f"{key} is not a config key: {hint}(to add a new key: +{bad.lstrip('+~')})")
 
 
-ENTRY_POINTS = ("train", "generate", "eval", "export", "prepare")
+ENTRY_POINTS = ("train", "generate", "eval", "export", "prepare", "serve")
 # a key of another entry point, given to this one: what this one takes instead
 _INSTEAD = {
-    ("init_from", "generate"): "ckpt",
-    ("init_from", "eval"): "ckpt",
-    ("init_from", "export"): "ckpt",
-    ("resume", "generate"): "ckpt",
-    ("resume", "eval"): "ckpt",
-    ("resume", "export"): "ckpt",
-    ("ckpt_path", "generate"): "ckpt",
-    ("ckpt_path", "eval"): "ckpt",
-    ("ckpt_path", "export"): "ckpt",
+    **{
+        (key, entry): "ckpt"
+        for key in ("init_from", "resume", "ckpt_path")
+        for entry in ("generate", "eval", "export", "serve")
+    },
     ("ckpt", "train"): "init_from (a new run from its weights) or resume (continue that run)",
 }
 
