@@ -22,7 +22,7 @@ import uvicorn
 from nanoforge.model import GPT, GPTConfig
 from nanoforge.serving_app import create_app
 from nanoforge.tokenizer import CharTokenizer
-from tests.conftest import SRC, compose
+from tests.helpers import SRC, compose
 
 TOK = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ:\n.,!")
 NAME = "tiny"

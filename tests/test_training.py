@@ -147,7 +147,7 @@ def test_a_bpe_run_saves_its_tokenizer_as_plain_data_and_learns_from_train_only(
     weights_only=True and rebuilds the same BPE tokenizer."""
     from nanoforge.checkpoint import load_model
     from nanoforge.tokenizer import BPETokenizer
-    from tests.conftest import make_text
+    from tests.helpers import make_text
 
     # the last 10% (validation) is one word never seen in training, repeated
     train_text = make_text(18_000, seed=5)
@@ -177,7 +177,7 @@ def test_a_bpe_run_saves_its_tokenizer_as_plain_data_and_learns_from_train_only(
 def test_exact_resume_with_a_bpe_tokenizer(tmp_path, one_thread):
     """6 steps straight == 3 steps, then resumed from the checkpoint to 6 (tokenizer=bpe,
     dropout on): same weights, and the resumed run reuses the token file."""
-    from tests.conftest import compose_run, make_text
+    from tests.helpers import compose_run, make_text
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(make_text(20_000, seed=9), encoding="utf-8")
