@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 2  # 2: <|endoftext|> after each BPE document; digests of the .bin and the header
 BPE_CHUNK_CHARS = 1 << 16  # BPE encodes pieces of at most 64k characters ...
-BPE_BATCH_CHARS = 4 << 20  # ... about 4M characters of them at a time, on every core
+BPE_BATCH_CHARS = 1 << 20  # ... about 1M characters of them at a time, on every core
 CHAR_SEPARATOR = "\n\n"  # between documents, for characters
 # after "<non-space>\n", before "<non-space>": GPT-2's pre-tokenizer splits here too
 _SAFE_CUT = re.compile(r"\S\n(?=\S)")
