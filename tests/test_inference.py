@@ -287,3 +287,15 @@ def test_sampling_stops_at_end_of_text_unless_told_to_go_on():
     assert run(2) == ["P the", "P" + tok.decode([a, b])]
     assert run(1, stop=False) == ["P" + tok.decode([a, eot, b, a])]
     assert "<|endoftext|>" in run(1, stop=False)[0]
+
+
+def test_greedy_decoding_from_nan_weights_is_an_error_not_text(tiny_run, tmp_path):
+    ckpt = torch.load(tiny_run / "checkpoints" / "last.ckpt", weights_only=True)
+    for name, value in ckpt["state_dict"].items():
+        if name.endswith("ln_f.weight"):
+            value.fill_(float("nan"))
+    torch.save(ckpt, tmp_path / "nan.ckpt")
+    out = io.StringIO()
+    with pytest.raises(UserError, match="not finite"):
+        generate(gen_cfg(tmp_path / "nan.ckpt", temperature=0.0, num_samples=2), out=out)
+    assert out.getvalue() == ""

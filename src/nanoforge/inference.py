@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from nanoforge import threads
-from nanoforge.checkpoint import load_model, recorded_data, resolve_checkpoint
+from nanoforge.checkpoint import eval_json_path, load_model, recorded_data, resolve_checkpoint
 from nanoforge.errors import UserError
-from nanoforge.io import atomic_write_bytes
+from nanoforge.io import atomic_write_bytes, read_json
+from nanoforge.machine import pick_device
 from nanoforge.sampling import check_sampling_args
 
 # the keys of `data=...` that choose which text is scored (eval.py data=text data.path=FILE)
@@ -30,31 +31,6 @@ DATA_SOURCE_KEYS = (
     "config",
     "split",
 )
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(
-            f"device={name!r} is not a device: use auto, cpu, cuda, cuda:N or mps"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            f"device={name} but torch {torch.__version__} sees no CUDA GPU: use device=cpu "
-            "(or auto), or install a CUDA build of torch (README: GPU machines)"
-        )
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"device={name}: this machine has {torch.cuda.device_count()} GPU(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("device=mps but this machine has no MPS: use device=cpu (or auto)")
-    return device
 
 
 # --------------------------------------------------------------------------- generation
@@ -249,10 +225,15 @@ def evaluation_data(
 
 
 def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
-    """Score a checkpoint on the whole validation split of its corpus (or of ``data=...``)."""
+    """Score a checkpoint on the whole validation split of its corpus (or of ``data=...``),
+    or, with ``tasks=``, on lm-evaluation-harness tasks (nanoforge.harness)."""
     from nanoforge.threads import apply
 
     apply(cfg.get("threads"))
+    if cfg.get("tasks"):
+        from nanoforge.harness import evaluate_tasks  # lm-eval: an extra, imported only here
+
+        return evaluate_tasks(cfg, out)
     device = pick_device(cfg.device)
     ckpt_path = resolve_checkpoint(cfg.ckpt)
     model, tok, ckpt = load_model(ckpt_path, device)
@@ -279,30 +260,10 @@ def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
         + f"val/bpb={result['bpb']:.4f} perplexity={result['perplexity']:.3f} "
         f"over {result['tokens']:,} tokens\n"
     )
-    if cfg.output:
-        target = Path(cfg.output)
-    elif ckpt_path.is_dir():  # a Hugging Face model directory: eval.json goes inside it
-        target = ckpt_path / "eval.json"
-    elif ckpt_path.parent.name == "checkpoints":
-        target = ckpt_path.parent.parent / "eval.json"
-    else:
-        target = ckpt_path.parent / "eval.json"
+    target = eval_json_path(cfg, ckpt_path)
+    previous = read_json(target)  # keep the harness scores an earlier tasks= run wrote
+    if isinstance(previous, dict) and isinstance(previous.get("tasks"), dict):
+        result["tasks"] = previous["tasks"]
     atomic_write_bytes(target, (json.dumps(result, indent=2) + "\n").encode())
     out.write(f"wrote {target}\n")
     return result
-
-
-# --------------------------------------------------------------------------- export
-def export(cfg: DictConfig, out=sys.stdout) -> Path:
-    """The checkpoint ``cfg.ckpt`` as a Hugging Face GPT-2 directory ``cfg.out``."""
-    from nanoforge.hf import export_dir
-
-    if not cfg.get("out"):
-        raise UserError("no output directory given: pass out=DIR (e.g. out=exported)")
-    model, tokenizer, _ = load_model(cfg.ckpt)
-    path = export_dir(model, tokenizer, cfg.out, overwrite=bool(cfg.get("overwrite", False)))
-    out.write(
-        f"exported to {path}: load it with transformers' AutoModelForCausalLM.from_pretrained"
-        f"({str(path)!r}) and AutoTokenizer.from_pretrained({str(path)!r})\n"
-    )
-    return path

@@ -42,6 +42,7 @@ import numpy as np
 from nanoforge.corpora import Corpus
 from nanoforge.errors import UserError
 from nanoforge.io import atomic_write, atomic_write_bytes
+from nanoforge.machine import cpu_cores
 from nanoforge.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, tokenizer_from_state
 
 log = logging.getLogger(__name__)
@@ -69,13 +70,6 @@ def narrowest_dtype(vocab_size: int) -> np.dtype:
         if vocab_size <= np.iinfo(dtype).max + 1:
             return np.dtype(dtype)
     raise ValueError(f"vocab_size {vocab_size} does not fit in 32 bits")
-
-
-def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 # --------------------------------------------------------------------------- the text stream

@@ -304,9 +304,17 @@ class BPETokenizer:
         """Text -> array of token ids (int64); ``<|endoftext|>`` in the text is plain text."""
         if not text:
             return np.zeros(0, dtype=np.int64)
-        if self.fast:
-            return np.asarray(self._tiktoken.encode_ordinary(text), dtype=np.int64)
-        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+        try:
+            if self.fast:
+                ids = self._tiktoken.encode_ordinary(text)
+            else:
+                ids = self._tok.encode(text, add_special_tokens=False).ids
+        except Exception as e:  # a foreign (not byte-level) vocabulary that cannot spell it
+            raise UserError(
+                f"the text cannot be written in this tokenizer's vocabulary ({e}): use text "
+                "the model's tokenizer can encode"
+            ) from None
+        return np.asarray(ids, dtype=np.int64)
 
     def encode_batch(self, texts: list[str], threads: int = 1) -> list[np.ndarray]:
         """Many texts at once, on ``threads`` threads (the Rust side releases the GIL)."""
@@ -361,6 +369,21 @@ class BPETokenizer:
 
 
 TOKENIZER_KINDS = ("char", "bpe")
+
+
+def boundary_token(tokenizer) -> int:
+    """The token that marks where a text begins or ends: ``<|endoftext|>`` where the
+    vocabulary has it (GPT-2's), else the newline (character and nanoforge's BPE vocabularies
+    reserve no special token), else id 0. lm-evaluation-harness puts it before a text scored
+    with no context; an export declares it as BOS/EOS so both score alike."""
+    for text in ("<|endoftext|>", "\n"):
+        try:
+            ids = tokenizer.encode(text)
+        except UserError:  # a character vocabulary without that character
+            continue
+        if len(ids) == 1:
+            return int(ids[0])
+    return 0
 
 
 def tokenizer_from_state(state: dict) -> CharTokenizer | BPETokenizer:
