@@ -21,6 +21,8 @@ scores identically.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -252,7 +254,7 @@ def task_manager(names: list[str], tasks_path: str | None):
     return manager
 
 
-def evaluate_tasks(cfg, out) -> dict:
+def evaluate_tasks(cfg, out=sys.stdout) -> dict:
     """``eval.py ckpt=RUN tasks=...``: the harness's tasks on a checkpoint; a table on the
     console and the harness's metrics under ``tasks`` in eval.json."""
     import json
@@ -264,7 +266,9 @@ def evaluate_tasks(cfg, out) -> dict:
     from nanoforge.checkpoint import resolve_checkpoint
     from nanoforge.inference import eval_json_path
     from nanoforge.io import atomic_write_bytes, read_json
+    from nanoforge.threads import apply
 
+    apply(cfg.get("threads"))
     names = task_names(cfg.tasks)
     limit = cfg.get("limit")
     if limit is not None and not (isinstance(limit, int | float) and limit > 0):
