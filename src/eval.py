@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout 
 import hydra
 from omegaconf import DictConfig
 
-from nanoforge import hydra_setup
+from nanoforge import cli, hydra_setup
 
 hydra_setup.setup()
 
@@ -46,5 +46,5 @@ def task_list(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     # typos: one line, exit 2
-    sys.argv = hydra_setup.check_command_line(task_list(sys.argv), "eval")
+    sys.argv = cli.check_command_line(task_list(sys.argv), "eval")
     main()

@@ -28,7 +28,7 @@ from nanoforge.checkpoint import (
     recorded_data,
     resolve_checkpoint,
 )
-from nanoforge.checkpoint_io import AtomicCheckpointIO
+from nanoforge.checkpoint_writer import AtomicCheckpointIO
 from nanoforge.errors import UserError
 from tests.conftest import SRC
 
@@ -131,7 +131,7 @@ WRITER = textwrap.dedent(
     """
     import sys, torch
     sys.path.insert(0, {src!r})
-    from nanoforge.checkpoint_io import AtomicCheckpointIO
+    from nanoforge.checkpoint_writer import AtomicCheckpointIO
     io = AtomicCheckpointIO()
     i = 0
     print("ready", flush=True)

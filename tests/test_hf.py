@@ -360,7 +360,7 @@ def test_export_entry_task_exports_a_trained_checkpoint(tiny_run, tmp_path):
     from omegaconf import OmegaConf
 
     from nanoforge.checkpoint import load_model
-    from nanoforge.inference import export
+    from nanoforge.export import export
 
     printed = io.StringIO()
     out = export(OmegaConf.create({"ckpt": str(tiny_run), "out": str(tmp_path / "hf")}), printed)

@@ -141,7 +141,7 @@ class RunCheckpoint(ModelCheckpoint):
     The state is saved at the end of that step (``on_train_batch_end``); when a validation
     follows at the same step, the state after it replaces that one, so a run continued from
     it neither repeats nor skips the validation. Written like every checkpoint (atomically,
-    ``nanoforge.checkpoint_io``); a checkpoint callback runs after the other callbacks, so
+    ``nanoforge.checkpoint_writer``); a checkpoint callback runs after the other callbacks, so
     their state is complete.
     """
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from nanoforge.errors import UserError
-from nanoforge.hydra_setup import latest_run
 from nanoforge.model import GPT, GPTConfig, check_weights_fit
+from nanoforge.runs import latest_run, say_last
 from nanoforge.tokenizer import same_tokenizer, tokenizer_from_state
 
 
@@ -27,6 +27,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if str(path) == "last" and not p.exists():
         p = latest_run("logs", ("best.ckpt", "last.ckpt"))
+        say_last(p)
     if not p.exists():
         raise UserError(
             f"checkpoint {str(p)!r} does not exist: pass a .ckpt file or a run directory"
@@ -193,3 +194,15 @@ def check_resumable(
             f"text, start a new run from them: python src/train.py init_from={p} data.path=FILE"
         )
     return ckpt.get("global_step")
+
+
+def eval_json_path(cfg, ckpt_path: Path) -> Path:
+    """Where eval.json goes: ``output=``, else the checkpoint's run directory (inside a
+    Hugging Face directory)."""
+    if cfg.get("output"):
+        return Path(cfg.output)
+    if ckpt_path.is_dir():  # a Hugging Face model directory: eval.json goes inside it
+        return ckpt_path / "eval.json"
+    if ckpt_path.parent.name == "checkpoints":
+        return ckpt_path.parent.parent / "eval.json"
+    return ckpt_path.parent / "eval.json"

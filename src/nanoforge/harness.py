@@ -57,7 +57,7 @@ class NanoforgeLM(TemplateLM):
     ) -> None:
         super().__init__()
         self.quiet = quiet  # no progress bars (scores during training)
-        from nanoforge.inference import pick_device
+        from nanoforge.machine import pick_device
 
         self._device = pick_device(device or "auto")
         if model is None:
@@ -263,8 +263,7 @@ def evaluate_tasks(cfg, out=sys.stdout) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.utils import make_table
 
-    from nanoforge.checkpoint import resolve_checkpoint
-    from nanoforge.inference import eval_json_path
+    from nanoforge.checkpoint import eval_json_path, resolve_checkpoint
     from nanoforge.io import atomic_write_bytes, read_json
     from nanoforge.threads import apply
 

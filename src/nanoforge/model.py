@@ -275,6 +275,83 @@ class KVCache:
         return buf[0][..., :end, :], buf[1][..., :end, :]
 
 
+class SlotKVCache:
+    """Keys and values of many independent streams, one *slot* each, for serving.
+
+    Each slot holds one stream at its own position; a forward pass takes one new token for
+    each slot in ``rows`` (set by :meth:`begin`), writes its key and value at that slot's
+    position and lets it attend to its own past only. Buffers are allocated once, at
+    ``block_size`` positions per slot, and written in place. Attention runs slot by slot on
+    exactly the keys a single-stream :class:`KVCache` would hold, so each stream's numbers are
+    the ones it gets decoding alone (``nanoforge.serving`` relies on it).
+    """
+
+    def __init__(self, config: GPTConfig, slots: int, dtype=torch.float32, device="cpu"):
+        shape = (slots, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.lengths = [0] * slots  # positions filled in each slot
+        self.rows: list[int] = []  # the slot of each row of the next forward pass
+        self.positions = torch.zeros(0, dtype=torch.long, device=device)
+        self._slots = self.positions
+        self.groups: list[list[int]] = []
+
+    def begin(self, rows: list[int]) -> None:
+        """The next forward pass feeds one token to each of these slots, in this order.
+
+        Neighbouring rows in neighbouring slots at the same length attend in one call: on one
+        thread the fused kernel computes each (row, head) alone, the same bits as a batch of
+        one; on several it may split the work otherwise, so there each row attends alone.
+        """
+        self.rows = rows
+        device = self.k[0].device
+        lengths = [self.lengths[s] for s in rows]
+        self.positions = torch.tensor(lengths, device=device)
+        self._slots = torch.tensor(rows, device=device)
+        together = torch.get_num_threads() == 1
+        groups: list[list[int]] = []  # [first row, end row, first slot, keys]
+        for r, (s, n) in enumerate(zip(rows, lengths, strict=True)):
+            g = groups[-1] if groups else None
+            if together and g and g[3] == n + 1 and g[2] + (r - g[0]) == s:
+                g[1] = r + 1
+            else:
+                groups.append([r, r + 1, s, n + 1])
+        self.groups = groups
+
+    def advance(self) -> None:
+        """The forward pass is done: each of its slots is one token longer."""
+        for s in self.rows:
+            self.lengths[s] += 1
+
+    def load(self, slot: int, cache: KVCache) -> None:
+        """Fill ``slot`` with a single-stream cache (a prompt's prefill, batch of one)."""
+        n = cache.length
+        for layer, (k, v) in enumerate(cache.layers):
+            self.k[layer][slot, :, :n] = k[0, :, :n]
+            self.v[layer][slot, :, :n] = v[0, :, :n]
+        self.lengths[slot] = n
+
+    def attend(self, layer: int, q, k, v, reference: bool = False) -> torch.Tensor:
+        """Write this step's k, v (B, H, 1, D) at each row's slot and position; return each
+        row's attention over its own slot (B, H, 1, D)."""
+        kb, vb = self.k[layer], self.v[layer]
+        if len(self.groups) == 1:  # one group: neighbouring slots, one position
+            r0, r1, s, n = self.groups[0]
+            kb[s : s + r1 - r0, :, n - 1] = k[:, :, 0]
+            vb[s : s + r1 - r0, :, n - 1] = v[:, :, 0]
+        else:
+            kb[self._slots, :, self.positions] = k[:, :, 0]
+            vb[self._slots, :, self.positions] = v[:, :, 0]
+        out = []
+        for r0, r1, s, n in self.groups:
+            qr, kr, vr = q[r0:r1], kb[s : s + r1 - r0, :, :n], vb[s : s + r1 - r0, :, :n]
+            if reference:
+                out.append(reference_attention(qr, kr, vr))
+            else:
+                out.append(F.scaled_dot_product_attention(qr, kr, vr))
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where each position sees only itself and the past."""
 
@@ -292,7 +369,7 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cache: KVCache | None = None,
+        cache: KVCache | SlotKVCache | None = None,
         layer: int = 0,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
@@ -304,6 +381,9 @@ class CausalSelfAttention(nn.Module):
             q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         if rope is not None:  # rotate by absolute position; the cache keeps rotated keys
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if isinstance(cache, SlotKVCache):  # serving: each row a stream of its own
+            y = cache.attend(layer, q, k, v, self.use_reference)
+            return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
         if cache is not None:
             k, v = cache.update(layer, k, v)
         dropout = self.dropout if self.training else 0.0
@@ -379,7 +459,7 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cache: KVCache | None = None,
+        cache: KVCache | SlotKVCache | None = None,
         layer: int = 0,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
@@ -477,7 +557,7 @@ class GPT(nn.Module):
         self,
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | SlotKVCache | None = None,
         last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx: (B, T) token ids. Returns logits (B, T, vocab) and the mean cross-entropy
@@ -499,6 +579,8 @@ class GPT(nn.Module):
         the LM head, so a caller that needs logits at a few positions only (the harness's
         continuation tokens) runs the largest matrix on those rows alone."""
         T = idx.size(1)
+        if isinstance(cache, SlotKVCache):  # one token per row, each at its slot's position
+            return self._forward_slots(idx, cache)
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(
@@ -518,6 +600,21 @@ class GPT(nn.Module):
             else:
                 x = block(x, cache, i, rope)
         return self.ln_f(x)
+
+    def _forward_slots(self, idx: torch.Tensor, cache: SlotKVCache):
+        """``forward`` for a :class:`SlotKVCache`: idx (B, 1), row i at position
+        ``cache.positions[i]``; logits (B, 1, vocab). The cache's lengths advance."""
+        pos = cache.positions
+        x = self.wte(idx)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe.weight[pos][:, None]
+        else:  # (B, 1, 1, D/2): broadcast over heads
+            rope = (self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None])
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i, rope)
+        cache.advance()
+        return self.lm_head(self.ln_f(x)), None
 
     @torch.inference_mode()  # no autograd bookkeeping at all: less work per token than no_grad
     def generate(
