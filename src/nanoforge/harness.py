@@ -13,9 +13,10 @@ imported; ``python src/eval.py ckpt=RUN tasks=...`` imports it for you):
   context (the harness's windowing), for perplexity tasks.
 - ``generate_until``: our KV-cached sampler, stopped at the first stop string.
 
-A text with no context is scored after the *prefix token*: ``<|endoftext|>`` where the
-vocabulary has it, else the newline (character and our BPE vocabularies have no special
-tokens); ``export.py`` declares the same token as BOS/EOS, so the ``hf`` backend on an export
+A text with no context is scored after the *boundary token*
+(``nanoforge.tokenizer.boundary_token``): ``<|endoftext|>`` where the vocabulary has it
+(GPT-2's, every BPE learned here), else the newline (a character vocabulary has no special
+token); ``export.py`` declares the same token as BOS/EOS, so the ``hf`` backend on an export
 scores identically.
 """
 

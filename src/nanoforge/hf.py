@@ -292,8 +292,8 @@ def hf_files(model: GPT, tokenizer) -> dict[str, bytes]:
         tok_json = tokenizer.to_hf_json()
     from tokenizers import Tokenizer
 
-    # BOS/EOS: GPT-2's end-of-text token where the vocabulary has one, else the newline (our
-    # vocabularies reserve no special token): the token lm-evaluation-harness puts before a
+    # BOS/EOS: <|endoftext|> where the vocabulary has it, else the newline (a character
+    # vocabulary reserves no special token): the token lm-evaluation-harness puts before a
     # text with no context, the same one nanoforge's own adapter uses (nanoforge.harness)
     eos = boundary_token(tokenizer)
     config["bos_token_id"] = config["eos_token_id"] = eos
