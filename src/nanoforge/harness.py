@@ -315,4 +315,10 @@ if __name__ == "__main__":  # the harness's own command line, with the nanoforge
     # python -m nanoforge.harness run --model nanoforge --model_args ckpt=RUN --tasks hellaswag
     from lm_eval.__main__ import cli_evaluate
 
-    cli_evaluate()
+    if "run" in sys.argv[1:2] and not any(a.startswith("--device") for a in sys.argv):
+        sys.argv += ["--device", "auto"]  # the harness's default is cuda:0, GPU or not
+    try:
+        cli_evaluate()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

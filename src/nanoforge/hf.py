@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from nanoforge.errors import UserError
-from nanoforge.model import GPT, GPTConfig, check_weights_fit
+from nanoforge.model import GPT, GPTConfig
 from nanoforge.tokenizer import BPETokenizer, CharTokenizer, boundary_token
 
 # GPT-2's activation names in config.json -> ours
@@ -178,16 +178,10 @@ def load_hf_dir(path: str | os.PathLike):
             f"{str(weights)!r} holds tensor(s) {', '.join(unknown[:5])} that no GPT-2 with "
             f"config.json's {config.n_layer} layers has: a mismatched directory"
         )
-    # the sizes config.json claims, against the tensors, before GPT() allocates for them
-    sizes = {k: tensors[v] for k, v in expected.items() if k in ("wte.weight", "wpe.weight")}
-    sizes |= {k: tensors[expected[k]] for k in ("lm_head.weight",) if k in expected}
-    sizes |= {
-        f"blocks.{i}.attn.c_attn.weight": tensors[f"h.{i}.attn.c_attn.weight"].t()
-        for i in range(config.n_layer)
-    }
-    check_weights_fit(config, sizes, where)
-    model = GPT(config)
-    state = model.state_dict()
+    # the shapes config.json implies, from a model on the meta device (no memory): every
+    # tensor is checked against them before GPT() allocates anything for its claims
+    with torch.device("meta"):
+        state = GPT(config).state_dict()
     new_state = {}
     for ours, theirs in expected.items():
         t = tensors[theirs]
@@ -202,6 +196,7 @@ def load_hf_dir(path: str | os.PathLike):
         new_state[ours] = t.to(torch.float32)
     if config.tie_head:
         new_state["lm_head.weight"] = new_state["wte.weight"]
+    model = GPT(config)
     model.load_state_dict(new_state)
     if tokenizer.vocab_size > config.vocab_size:
         raise UserError(
