@@ -13,14 +13,14 @@ TOK = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUV
 PROMPTS = ["ROMEO:", "a", "the king said", "JULIET: my love is", "x" * 40, "Q", "hello", "ab"]
 
 
-def tiny_model(position: str = "learned") -> GPT:
+def tiny_model(position: str = "learned", dtype: torch.dtype | None = None) -> GPT:
     """Untrained: its logits are nearly flat, so any arithmetic difference shows as a
     different greedy token soon."""
     torch.manual_seed(0)
     config = GPTConfig(
         vocab_size=TOK.vocab_size, block_size=32, n_layer=2, n_head=4, n_embd=64, position=position
     )
-    return GPT(config).eval().prepare_decoding()
+    return GPT(config).eval().prepare_decoding(dtype)
 
 
 def alone(model: GPT, prompt: str, p: SamplingParams) -> str:
@@ -58,6 +58,30 @@ def test_batched_streams_equal_each_stream_alone(one_thread, position, slots):
     assert all(r.finish_reason == "length" and len(r.tokens) == 50 for r in reqs)
     assert engine.steps < 50 * len(PROMPTS) / slots + 50  # streams shared their steps
     assert sorted(engine.free) == list(range(slots))  # every slot given back
+
+
+def test_bfloat16_streams_equal_each_stream_alone(one_thread):
+    model = tiny_model(dtype=torch.bfloat16)
+    params = mixed_params(len(PROMPTS), max_tokens=20)
+    expected = [alone(model, p, sp) for p, sp in zip(PROMPTS, params, strict=True)]
+    reqs = Engine(model, TOK, slots=8).run([TOK.encode(p).tolist() for p in PROMPTS], params)
+    assert [r.text for r in reqs] == expected
+
+
+def test_streams_on_two_threads_equal_each_stream_alone():
+    # several threads: every row attends alone (the fused kernel may split a batch otherwise)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = tiny_model()
+        params = [SamplingParams(max_tokens=20, temperature=0, seed=0)] * 4
+        expected = [alone(model, p, params[0]) for p in PROMPTS[:4]]
+        reqs = Engine(model, TOK, slots=4).run(
+            [TOK.encode(p).tolist() for p in PROMPTS[:4]], params
+        )
+        assert [r.text for r in reqs] == expected
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_streams_in_lockstep_equal_one_alone(one_thread):
