@@ -276,8 +276,8 @@ def quality(args, work: Path, data: Path, nanogpt: Path | None) -> list[str]:
             elif who == "ours":
                 # not stopped at the crossing: the run ends after its one validation, and its
                 # checkpoint is then scored on the whole validation split (the record's rule).
-                # Run --ours-runs times (same seed, same losses): a 20 s run on a shared VM
-                # varies by +-2 s, the median is the record's time
+                # Run --ours-runs times (same seed, same losses): a short run's time varies on
+                # a shared machine, the median is the record's time
                 results = []
                 for j in range(args.ours_runs):
                     run_dir = work / f"ours_q{i}_{j}"

@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint on a whole validation split: ``python src/eval.py ckpt=PATH``."""
+"""Evaluate a checkpoint on a whole validation split: ``python src/eval.py ckpt=PATH``, or on
+lm-evaluation-harness tasks: ``python src/eval.py ckpt=PATH tasks=hellaswag,lambada_openai``."""
 
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout 
 import hydra
 from omegaconf import DictConfig
 
-from nanoforge import hydra_setup
+from nanoforge import cli, hydra_setup
 
 hydra_setup.setup()
 
@@ -23,6 +24,20 @@ def main(cfg: DictConfig) -> None:
     hydra_setup.run(evaluate, cfg)
 
 
+def task_list(argv: list[str]) -> list[str]:
+    """``tasks=a,b`` as typed becomes Hydra's list ``tasks=[a,b]`` (Hydra reads an unquoted
+    comma as a sweep); outside a ``--multirun``, where a sweep over tasks stays possible."""
+    if "-m" in argv or "--multirun" in argv:
+        return argv
+    return [
+        f"tasks=[{w.removeprefix('tasks=')}]"
+        if w.startswith("tasks=") and "," in w and w[6:7] not in ("[", "'", '"')
+        else w
+        for w in argv
+    ]
+
+
 if __name__ == "__main__":
-    sys.argv = hydra_setup.check_command_line(sys.argv, "eval")  # typos: one line, exit 2
+    # typos: one line, exit 2
+    sys.argv = cli.check_command_line(task_list(sys.argv), "eval")
     main()

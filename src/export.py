@@ -9,18 +9,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout 
 import hydra
 from omegaconf import DictConfig
 
-from nanoforge import hydra_setup
+from nanoforge import cli, hydra_setup
 
 hydra_setup.setup()
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="export")
 def main(cfg: DictConfig) -> None:
-    from nanoforge.inference import export  # here: `--help` answers without loading torch
+    from nanoforge.export import export  # here: `--help` answers without loading torch
 
     hydra_setup.run(export, cfg)
 
 
 if __name__ == "__main__":
-    sys.argv = hydra_setup.check_command_line(sys.argv, "export")  # typos: one line, exit 2
+    sys.argv = cli.check_command_line(sys.argv, "export")  # typos: one line, exit 2
     main()

@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout 
 import hydra
 from omegaconf import DictConfig
 
-from nanoforge import hydra_setup
+from nanoforge import cli, hydra_setup
 
 hydra_setup.setup()
 
@@ -23,5 +23,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = hydra_setup.check_command_line(sys.argv, "generate")  # typos: one line, exit 2
+    sys.argv = cli.check_command_line(sys.argv, "generate")  # typos: one line, exit 2
     main()

@@ -1,7 +1,7 @@
 """List runs and sweep jobs, newest first: ``python src/runs.py`` (or ``make runs``).
 
 Each row: when it started, its status (finished, stopped, failed, running), steps, final
-val/loss, its directory and overrides. See nanoforge/rundir.py.
+val/loss, its directory and overrides. See nanoforge/runs.py.
 """
 
 import sys
@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without install
 
-from nanoforge.rundir import main
+from nanoforge.runs import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout 
 import hydra
 from omegaconf import DictConfig
 
-from nanoforge import hydra_setup
+from nanoforge import cli, hydra_setup
 
 hydra_setup.setup()
 
@@ -22,7 +22,9 @@ def train_job(cfg: DictConfig) -> float | None:
 
     hydra_setup.settle_imports()  # the import-time objects: no garbage collection walks them
     if cfg.get("print_config", True):
-        hydra_setup.print_config_tree(cfg)
+        from nanoforge.console import print_config_tree
+
+        print_config_tree(cfg)
     with sweep.job_scope(cfg):  # in a sweep: the job's GPU or threads, its DDP ranks' dir
         metrics = train(cfg)
     return sweep.objective(metrics, cfg.get("optimized_metric") or "val/loss")
@@ -34,8 +36,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    sys.argv = hydra_setup.expand_resume(sys.argv)  # resume=RUN_DIR continues a run in place
-    sys.argv = hydra_setup.check_command_line(sys.argv, "train")  # typos: one line, exit 2
+    sys.argv = cli.expand_resume(sys.argv)  # resume=RUN_DIR continues a run in place
+    sys.argv = cli.check_command_line(sys.argv, "train")  # typos: one line, exit 2
     from nanoforge.slurm import wants_sweep
 
     if wants_sweep(sys.argv):  # hydra/launcher=slurm without -m: submit it as a one-job sweep

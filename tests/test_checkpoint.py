@@ -28,7 +28,7 @@ from nanoforge.checkpoint import (
     recorded_data,
     resolve_checkpoint,
 )
-from nanoforge.checkpoint_io import AtomicCheckpointIO
+from nanoforge.checkpoint_writer import AtomicCheckpointIO
 from nanoforge.errors import UserError
 from tests.conftest import SRC
 
@@ -131,7 +131,7 @@ WRITER = textwrap.dedent(
     """
     import sys, torch
     sys.path.insert(0, {src!r})
-    from nanoforge.checkpoint_io import AtomicCheckpointIO
+    from nanoforge.checkpoint_writer import AtomicCheckpointIO
     io = AtomicCheckpointIO()
     i = 0
     print("ready", flush=True)
@@ -244,3 +244,44 @@ def test_a_sharded_fsdp_checkpoint_says_how_to_make_it_one_file(tmp_path):
     (shards / "__0_0.distcp").write_bytes(b"")
     with pytest.raises(UserError, match="sharded FSDP checkpoint.*consolidate_checkpoint"):
         resolve_checkpoint(shards)
+
+
+def _crafted(tmp_path, model: dict, state: dict, tokenizer: dict | None = None) -> Path:
+    """A small checkpoint file with the given model config, weights and tokenizer."""
+    path = tmp_path / "crafted.ckpt"
+    tokenizer = tokenizer or {"kind": "char", "chars": "abcd"}
+    hp = {"model": model, "tokenizer": tokenizer}
+    torch.save({"hyper_parameters": hp, "state_dict": state}, path)
+    return path
+
+
+def test_sizes_a_checkpoint_claims_are_checked_before_anything_is_allocated(tmp_path, monkeypatch):
+    import nanoforge.checkpoint as checkpoint
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built from an unchecked config")
+
+    monkeypatch.setattr(checkpoint, "GPT", never)
+    small = {"vocab_size": 4, "n_layer": 1, "n_head": 1, "n_embd": 8}
+    state = {"model.wte.weight": torch.zeros(4, 8), "model.wpe.weight": torch.zeros(16, 8)}
+    state["model.blocks.0.attn.c_attn.weight"] = torch.zeros(24, 8)
+    huge = _crafted(tmp_path, {**small, "block_size": 4_000_000_000}, state)
+    assert huge.stat().st_size < 10_000
+    with pytest.raises(UserError, match="block_size=4,000,000,000 is above the limit"):
+        load_model(huge)
+    # within the limits, but not what the weights hold: 1M positions claimed, 16 stored
+    claims = _crafted(tmp_path, {**small, "block_size": 1 << 20}, state)
+    with pytest.raises(UserError, match=r"wpe.weight has shape \(16, 8\).*disagree"):
+        load_model(claims)
+    deeper = _crafted(tmp_path, {**small, "block_size": 16, "n_layer": 2}, state)
+    with pytest.raises(UserError, match="lack blocks.1.attn.c_attn.weight"):
+        load_model(deeper)
+
+
+def test_a_tokenizer_that_disagrees_with_the_model_vocabulary_is_refused(tmp_path, tiny_run):
+    ckpt = torch.load(tiny_run / "checkpoints" / "last.ckpt", weights_only=True)
+    tok = ckpt["hyper_parameters"]["tokenizer"]
+    ckpt["hyper_parameters"]["tokenizer"] = {**tok, "chars": tok["chars"][:-3]}
+    torch.save(ckpt, tmp_path / "short.ckpt")
+    with pytest.raises(UserError, match="its tokenizer has .* tokens but its model"):
+        load_model(tmp_path / "short.ckpt")

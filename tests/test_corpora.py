@@ -1,23 +1,29 @@
 """nanoforge.corpora: where the text comes from.
 
-The embedded Shakespeare plays (markdown turned into tiny-Shakespeare-style text), any UTF-8
-file or folder of .txt files (bad paths and bytes are UserErrors naming the file and offset),
-and tiny Shakespeare downloaded once, checked against its sha256 and cached.
+The embedded Shakespeare plays (markdown turned into tiny-Shakespeare-style text), any file or
+folder of documents (bad paths and bytes are UserErrors naming the file and offset; the formats
+themselves: test_documents.py), and tiny Shakespeare downloaded once, checked against its
+sha256 and cached. Each corpus is read through ``open_corpus``, the way training reads it.
 """
 
 import io
 
 import pytest
 
-from nanoforge import corpora
+from nanoforge import corpora, shards
 from nanoforge.corpora import (
     TINYSHAKESPEARE_SHA256,
-    load_corpus,
     load_shakespeare_plays,
     markdown_play_to_text,
-    read_text_corpus,
+    open_corpus,
 )
 from nanoforge.errors import UserError
+
+
+def read(name, path=None, cache_dir=None) -> str:
+    """The text a character run trains on: the corpus's documents, as preparation streams them."""
+    return "".join(shards.stream(open_corpus(name, path, cache_dir), eot=False))
+
 
 PLAY = """# Macbeth
 
@@ -70,7 +76,7 @@ def test_embedded_corpus_is_converted_once_into_the_cache(tmp_path, monkeypatch)
 
     path = corpora.shakespeare_plays_file(tmp_path)
     assert path.read_text(encoding="utf-8") == load_shakespeare_plays()
-    assert corpora.corpus_parts("shakespeare", None, tmp_path) == [path]
+    assert open_corpus("shakespeare", None, tmp_path).parts == [path]
 
     def no_conversion(files):
         raise AssertionError("converted again")
@@ -87,36 +93,36 @@ def test_embedded_corpus_is_converted_once_into_the_cache(tmp_path, monkeypatch)
 def test_text_corpus_file_and_directory(tmp_path):
     (tmp_path / "b.txt").write_text("second\n", encoding="utf-8")
     (tmp_path / "a.txt").write_text("first\n", encoding="utf-8")
-    (tmp_path / "skip.md").write_text("not text corpus", encoding="utf-8")
-    assert read_text_corpus(tmp_path) == "first\n\n\nsecond\n"
-    assert read_text_corpus(tmp_path / "a.txt") == "first\n"
+    (tmp_path / "skip.py").write_text("not a document", encoding="utf-8")
+    assert read("text", tmp_path) == "first\n\n\nsecond\n"
+    assert read("text", tmp_path / "a.txt") == "first\n"
 
 
 @pytest.mark.parametrize(
     "setup, expected",
     [
         (lambda p: p / "missing.txt", "does not exist"),
-        (lambda p: (p / "empty_dir").mkdir() or p / "empty_dir", "no .txt files"),
+        (lambda p: (p / "empty_dir").mkdir() or p / "empty_dir", "no .txt/.md/.jsonl"),
         (lambda p: (p / "e.txt").write_text("  \n") and p / "e.txt", "empty"),
         (lambda p: (p / "bin.txt").write_bytes(b"abc\x00\x01\x02") and p / "bin.txt", "binary"),
     ],
 )
 def test_bad_paths_are_clear_errors(tmp_path, setup, expected):
     with pytest.raises(UserError, match=expected):
-        read_text_corpus(setup(tmp_path))
+        shards.scan(open_corpus("text", setup(tmp_path)), want_chars=True, eot=False)
 
 
 def test_invalid_utf8_names_file_and_offset(tmp_path):
     p = tmp_path / "latin1.txt"
     p.write_bytes(b"caf" + b"\xe9 au lait")
     with pytest.raises(UserError) as e:
-        read_text_corpus(p)
+        read("text", p)
     assert str(p) in str(e.value) and "byte offset 3" in str(e.value)
 
 
 def test_text_corpus_needs_a_path():
     with pytest.raises(UserError, match="data.path"):
-        load_corpus("text", None, None)
+        open_corpus("text", None, None)
 
 
 def test_tinyshakespeare_offline_says_to_pass_data_path(tmp_path, monkeypatch):
@@ -125,7 +131,7 @@ def test_tinyshakespeare_offline_says_to_pass_data_path(tmp_path, monkeypatch):
 
     monkeypatch.setattr(corpora.urllib.request, "urlopen", offline)
     with pytest.raises(UserError, match="data.path"):
-        load_corpus("tinyshakespeare", None, tmp_path)
+        open_corpus("tinyshakespeare", None, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -142,7 +148,7 @@ class Resp(io.BytesIO):
 def test_tinyshakespeare_wrong_hash_caches_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(corpora.urllib.request, "urlopen", lambda *a, **k: Resp(b"not it"))
     with pytest.raises(UserError, match="sha256"):
-        load_corpus("tinyshakespeare", None, tmp_path)
+        open_corpus("tinyshakespeare", None, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -153,26 +159,24 @@ def test_tinyshakespeare_good_download_is_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(
         corpora.urllib.request, "urlopen", lambda *a, **k: calls.append(1) or Resp(data)
     )
-    assert load_corpus("tinyshakespeare", None, tmp_path) == data.decode()
-    assert load_corpus("tinyshakespeare", None, tmp_path) == data.decode()
+    assert read("tinyshakespeare", None, tmp_path) == data.decode()
+    assert read("tinyshakespeare", None, tmp_path) == data.decode()
     assert len(calls) == 1  # the second read came from the cache
     assert [p.name for p in tmp_path.iterdir()] == ["tinyshakespeare.txt"]
     assert TINYSHAKESPEARE_SHA256.startswith("86c4e6aa")
 
 
 def test_pycode_is_the_standard_library_without_its_tests(monkeypatch, tmp_path):
-    from nanoforge.corpora import corpus_parts, stdlib_dir
+    from nanoforge.corpora import stdlib_dir
 
-    parts = corpus_parts("pycode", None, None)
-    files = [p for p in parts if not isinstance(p, str)]
+    files = open_corpus("pycode").parts
     assert (stdlib_dir() / "os.py") in files and len(files) > 300
     assert all(p.suffix == ".py" for p in files)
     rel = [p.relative_to(stdlib_dir()).parts for p in files]
     assert not any("test" in r or "tests" in r or "site-packages" in r for r in rel)
-    assert parts[1::2] == ["\n\n"] * (len(parts) // 2)  # files separated by blank lines
     # an installation without the .py sources: a clear error
     import sysconfig
 
     monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
     with pytest.raises(UserError, match=r"data=pycode needs the Python standard library"):
-        corpus_parts("pycode", None, None)
+        open_corpus("pycode")

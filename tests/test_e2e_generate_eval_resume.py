@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 COMMON = [
     "model=tiny",
     "data=text",
-    "data.path=corpus.txt",
+    "data.path=data/corpus.txt",  # in the checkout's data folder: eval.py follows it
     "data.val_batches=2",
     "trainer.val_check_interval=10",
     "optim.decay_steps=40",
@@ -35,7 +35,8 @@ COMMON = [
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     cwd = tmp_path_factory.mktemp("ckpt")
-    (cwd / "corpus.txt").write_text(make_text(30_000), encoding="utf-8")
+    (cwd / "data").mkdir()
+    (cwd / "data" / "corpus.txt").write_text(make_text(30_000), encoding="utf-8")
     return cwd
 
 

@@ -311,34 +311,61 @@ def test_options_gpt2_cannot_express_are_refused_and_nothing_is_written(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
-def test_export_refuses_a_non_empty_directory_unless_overwrite(tmp_path):
-    from nanoforge.hf import export_dir
+def test_export_refuses_a_non_empty_directory_and_overwrite_replaces_only_its_own_files(
+    tmp_path,
+):
+    from nanoforge.hf import EXPORT_FILES, export_dir
 
     model, tok = _char_model()
     out = tmp_path / "out"
-    out.mkdir()
+    (out / "sub").mkdir(parents=True)
     (out / "notes.txt").write_text("mine")
+    (out / "sub" / "data.bin").write_bytes(b"x")
+    (out / "config.json").write_text("{}")  # an older export's file: replaced
     with pytest.raises(UserError, match="overwrite=true"):
         export_dir(model, tok, out)
     export_dir(model, tok, out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == [
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*EXPORT_FILES, "notes.txt", "sub"])
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "sub" / "data.bin").read_bytes() == b"x"
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gpt2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary left behind
+
+
+def test_export_into_a_run_directory_is_refused(tiny_run):
+    from nanoforge.hf import export_dir
+
+    model, tok = _char_model()
+    before = sorted(p.relative_to(tiny_run) for p in tiny_run.rglob("*"))
+    for out in (tiny_run, tiny_run / "hf", tiny_run / "checkpoints"):
+        with pytest.raises(UserError, match="inside the training run directory"):
+            export_dir(model, tok, out, overwrite=True)
+    assert sorted(p.relative_to(tiny_run) for p in tiny_run.rglob("*")) == before
+
+
+def test_transformers_generate_stops_at_the_exported_context(tmp_path):
+    from nanoforge.hf import export_dir
+
+    model, tok = _char_model()  # block_size 48
+    out = export_dir(model, tok, tmp_path / "exported")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.as_tensor(tok.encode("ROMEO:"))[None]
+    generated = ref.generate(ids, do_sample=False, attention_mask=torch.ones_like(ids))
+    assert generated.shape[1] == 48  # the default length is the context, no IndexError
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tok.eos_token_id == tok.encode("\n")[0]  # the harness's prefix token
 
 
 def test_export_entry_task_exports_a_trained_checkpoint(tiny_run, tmp_path):
     from omegaconf import OmegaConf
 
     from nanoforge.checkpoint import load_model
-    from nanoforge.inference import export
+    from nanoforge.export import export
 
     printed = io.StringIO()
     out = export(OmegaConf.create({"ckpt": str(tiny_run), "out": str(tmp_path / "hf")}), printed)
     assert "AutoModelForCausalLM.from_pretrained" in printed.getvalue()
+    assert "keep prompt + max_new_tokens <= 32" in printed.getvalue()
     model, tok, _ = load_model(tiny_run)
     ref = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.as_tensor(tok.encode("ROMEO:"))[None]
@@ -346,3 +373,43 @@ def test_export_entry_task_exports_a_trained_checkpoint(tiny_run, tmp_path):
         assert (model(ids)[0] - ref(ids).logits).abs().max().item() < 1e-4
     with pytest.raises(UserError, match="out="):
         export(OmegaConf.create({"ckpt": str(tiny_run), "out": None}))
+
+
+@pytest.mark.parametrize(
+    ("n_positions", "error"),
+    [(4_000_000_000, "above the limit"), (1 << 20, r"wpe.weight has shape \(32, 32\)")],
+)
+def test_a_config_json_claiming_huge_sizes_is_refused_before_allocating(
+    hf_dir, tmp_path, monkeypatch, n_positions, error
+):
+    import nanoforge.hf as hf
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built from an unchecked config.json")
+
+    monkeypatch.setattr(hf, "GPT", never)
+    d = _copy(hf_dir, tmp_path / "claims")
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "n_positions": n_positions}))
+    with pytest.raises(UserError, match=error):
+        hf.load_hf_dir(d)
+
+
+def test_a_char_export_loads_back_as_a_char_tokenizer_and_names_unknown_prompt_chars(tmp_path):
+    from omegaconf import OmegaConf
+
+    from nanoforge.checkpoint import load_model
+    from nanoforge.hf import export_dir
+    from nanoforge.inference import generate
+
+    model, tok = _char_model()
+    out = export_dir(model, tok, tmp_path / "exported")
+    _, back, _ = load_model(out)
+    assert back == tok  # the same CharTokenizer: bits per character, unknown characters
+    cfg = OmegaConf.create(
+        {"ckpt": str(out), "prompt": "ROMEO: Zounds", "max_new_tokens": 4, "temperature": 0.0}
+        | {"top_k": None, "top_p": None, "num_samples": 1, "seed": 0, "device": "cpu"}
+        | {"use_cache": True, "dtype": "float32"}
+    )
+    with pytest.raises(UserError, match="never saw: 'Z'"):
+        generate(cfg, io.StringIO())

@@ -1,10 +1,9 @@
 """nanoforge.hydra_setup: the Hydra glue every entry point shares.
 
-``resume=RUN_DIR`` becomes the overrides that continue that run in place (a bad directory
-exits 2 with one line); ``run`` ends a user error with one line and exit code 2, leaving no
-fresh run directory behind, but raises it inside a sweep so the other jobs go on; the
-``${parallel_jobs:}`` resolver counts GPUs, else cores; experiments are found from any working
-directory; Hydra's own config errors are short and non-zero.
+``run`` ends a user error with one line and exit code 2, leaving no fresh run directory
+behind, but raises it inside a sweep so the other jobs go on; experiments are found from any
+working directory; ``--help`` starts with how to use the entry point; the entry points settle
+their imports.
 """
 
 from __future__ import annotations
@@ -15,51 +14,7 @@ from omegaconf import OmegaConf, read_write
 
 from nanoforge import hydra_setup
 from nanoforge.errors import UserError
-from nanoforge.hydra_setup import expand_resume, parallel_jobs
-from tests.conftest import SRC, compose, entry_point_code, run_dirs, run_entry, run_python
-
-
-# --------------------------------------------------------------------------- resume=RUN_DIR
-def make_run(run, overrides: list[str], checkpoint: bool = True):
-    (run / ".hydra").mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create(overrides), run / ".hydra" / "overrides.yaml")
-    if checkpoint:
-        (run / "checkpoints").mkdir()
-        (run / "checkpoints" / "last.ckpt").touch()
-    return run
-
-
-def test_resume_replays_the_recorded_overrides_and_continues_in_the_run_dir(tmp_path):
-    recorded = ["model=tiny", "trainer.max_steps=20", "+model.foo=1", "ckpt_path=old.ckpt"]
-    run = make_run(tmp_path / "run", [*recorded, "hydra.run.dir=elsewhere", "seed=3"])
-    argv = ["train.py", "trainer.max_steps=40", f"resume={run}", "+model.foo=2"]
-    assert expand_resume(argv) == [
-        "train.py",
-        "model=tiny",  # the recorded overrides first
-        "seed=3",
-        "trainer.max_steps=40",  # then the new ones: a key given again replaces the recorded
-        "+model.foo=2",
-        f"hydra.run.dir={run}",  # in the run's own directory
-        f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",  # from its last checkpoint
-    ]
-    assert expand_resume(["train.py", "model=small"]) == ["train.py", "model=small"]
-
-
-@pytest.mark.parametrize(
-    "make, message",
-    [
-        (lambda p: p, "not a run directory (no .hydra/overrides.yaml)"),
-        (lambda p: make_run(p / "run", ["model=tiny"], checkpoint=False), "no checkpoints/last"),
-    ],
-)
-def test_resume_of_a_bad_directory_exits_2_with_one_line(tmp_path, capsys, make, message):
-    run = make(tmp_path)
-    with pytest.raises(SystemExit) as e:
-        expand_resume(["train.py", f"resume={run}"])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: resume={run}: ") and message in err
-    assert err.count("\n") == 1
+from tests.conftest import CONFIGS, SRC, compose, entry_point_code, run_entry, run_python
 
 
 # --------------------------------------------------------------------------- run()
@@ -142,19 +97,6 @@ def test_in_a_sweep_a_user_error_is_raised_for_hydra_to_record(job, capsys):
     assert out.is_dir()  # the job's directory stays, for the sweep report
 
 
-# --------------------------------------------------------------------------- resolvers
-def test_parallel_jobs_is_one_per_gpu_else_one_per_core(monkeypatch):
-    monkeypatch.setattr(hydra_setup, "cpu_cores", lambda: 8)
-    monkeypatch.setattr(hydra_setup, "gpu_count", lambda: 0)
-    assert parallel_jobs() == 8
-    monkeypatch.setattr(hydra_setup, "gpu_count", lambda: 4)
-    assert parallel_jobs() == 4
-    monkeypatch.undo()
-    # hydra/launcher=parallel runs that many jobs at once
-    launcher = compose(["hydra/launcher=parallel"], return_hydra_config=True).hydra.launcher
-    assert launcher.n_jobs == parallel_jobs()
-
-
 # --------------------------------------------------------------------------- entry points
 def test_experiment_resolves_from_any_working_directory(tmp_path):
     r = run_entry("train.py", "experiment=baby_cpu", "--cfg", "job", cwd=tmp_path, timeout=60)
@@ -162,59 +104,6 @@ def test_experiment_resolves_from_any_working_directory(tmp_path):
     job = OmegaConf.create(r.stdout)
     assert job.task_name == "baby_cpu" and job.data.corpus == "tinyshakespeare"
     assert not (tmp_path / "logs").exists()  # printing the config runs nothing
-
-
-@pytest.mark.parametrize(
-    "args, expected",
-    [
-        (["model=smal"], "model=smal: no such option (did you mean model=small?); model is one of"),
-        (["optim.lrr=1"], "optim.lrr is not a config key: did you mean optim.lr"),
-        (["model.n_layr=4"], "did you mean model.n_layer"),
-        # typos in optional groups: Hydra alone skips them and the default run trains
-        (["experiment=nope"], "experiment=nope: no such option; experiment is one of: baby_cpu"),
-        (["debug=fdrr"], "did you mean debug=fdr?"),
-        (["hparams_search=optun"], "did you mean hparams_search=optuna?"),
-        (["hydra/launcher=slurmm"], "did you mean hydra/launcher=slurm?"),
-        (["logger=[tensorboard,tensorbord]"], "logger=tensorbord: no such option"),
-        (["-m", "model=tiny,smal"], "model=smal: no such option"),  # every value of a sweep
-        (["-m", "optim.lrz=range(1,3)"], "optim.lrz is not a config key"),
-        (["model"], "'model' is not an override: write key=value"),
-    ],
-)
-def test_a_mistaken_override_is_one_line_exit_2_with_the_fix(args, expected, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        hydra_setup.check_command_line(["train.py", *args], "train")
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
-
-
-def test_good_overrides_pass_and_pasted_unicode_is_quoted_for_hydra():
-    argv = ["generate.py", "prompt=Ω — “Romeo”", "temperature=0.5", "-m", "optim.lr=1e-3,3e-3"]
-    assert hydra_setup.check_command_line(argv[:3], "generate") == [
-        "generate.py",
-        'prompt="Ω — “Romeo”"',
-        "temperature=0.5",
-    ]
-    assert hydra_setup.check_command_line(["train.py", *argv[3:]], "train") == [
-        "train.py",
-        "-m",
-        "optim.lr=1e-3,3e-3",
-    ]
-    assert hydra_setup.check_command_line(["train.py", "--help", "model=smal"], "train")[1] == (
-        "--help"
-    )  # Hydra's own flags: Hydra answers
-
-
-@pytest.mark.slow
-def test_config_errors_answer_before_anything_runs(tmp_path):
-    r = run_entry("train.py", "model=smal", cwd=tmp_path, timeout=60)
-    assert r.returncode == 2 and r.stderr.startswith("error: model=smal: no such option")
-    assert "Traceback" not in r.stderr and r.stdout == ""
-    r = run_entry("train.py", "model=tiny", "trainer.max_steps=abc", cwd=tmp_path, timeout=120)
-    assert r.returncode == 2 and "trainer.max_steps must be a positive integer" in r.stderr
-    assert "Traceback" not in r.stderr
-    assert run_dirs(tmp_path) == []
 
 
 @pytest.mark.parametrize("entry", ["train", "generate", "eval"])
@@ -227,19 +116,6 @@ def test_help_starts_with_how_to_use_it(entry):
             assert command in header
         assert "fast_cpu           Our fastest CPU recipe" in header
         assert OmegaConf.to_container(help_cfg)["template"].startswith("${hydra.help.header}")
-
-
-def test_resume_replays_an_interpolation_as_written(tmp_path):
-    run = tmp_path / "run"
-    (run / ".hydra").mkdir(parents=True)
-    (run / "checkpoints").mkdir()
-    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
-    OmegaConf.save(
-        OmegaConf.create(["model=tiny", "+callbacks.x.out=${paths.output_dir}"]),
-        run / ".hydra" / "overrides.yaml",
-    )
-    argv = expand_resume(["train.py", f"resume={run}"])
-    assert "+callbacks.x.out=${paths.output_dir}" in argv  # not resolved (it cannot be, here)
 
 
 # --------------------------------------------------------------------------- settle_imports
@@ -326,3 +202,42 @@ def test_every_entry_point_settles_its_imports(script, tiny_run, tmp_path):
         f"Trainer walked: {lightning}",
         f"SummaryWriter walked: {late}",
     ]
+
+
+def help_text(entry: str, monkeypatch, capsys) -> str:
+    """What ``python src/<entry>.py --help`` prints, run in this process."""
+    import runpy
+    import sys
+
+    monkeypatch.setattr(sys, "argv", [str(SRC / f"{entry}.py"), "--help"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "entry, groups",
+    [
+        ("export", []),
+        ("generate", []),
+        ("eval", ["data"]),
+        ("prepare", ["data", "tokenizer"]),
+        # train reads them all (and experiment=, from experiments/)
+        (
+            "train",
+            [p.name for p in CONFIGS.iterdir() if p.is_dir() and p.name != "hydra"]
+            + ["experiment"],
+        ),
+    ],
+)
+def test_help_lists_only_what_the_entry_point_reads(entry, groups, monkeypatch, capsys):
+    """export.py's --help listed training's data, trainer and logger groups (issue 24)."""
+    text = help_text(entry, monkeypatch, capsys)
+    assert f"python src/{entry}.py" in text
+    listed, lines = [], iter(text.splitlines())
+    for line in lines:
+        if line.startswith("Groups"):
+            listed = [g.split(":")[0] for g in iter(lines.__next__, "")]
+    assert sorted(listed) == sorted(groups), text
+    assert "${" not in text and "is powered by Hydra" not in text, text

@@ -48,9 +48,10 @@ def test_hydra_glue_is_a_leaf_and_the_model_knows_no_framework():
     # the glue's only nanoforge imports are leaves too: errors, the SLURM launcher's
     # resolvers (registered with the others, before any config is composed), and OpenMP's
     # wait policy (set before torch is imported)
-    leaves = {"nanoforge.errors", "nanoforge.slurm", "nanoforge.threads"}
+    leaves = {"nanoforge.errors", "nanoforge.machine", "nanoforge.slurm", "nanoforge.threads"}
     assert graph["nanoforge.hydra_setup"] <= leaves
     assert graph["nanoforge.errors"] == set() and graph["nanoforge.slurm"] == set()
+    assert graph["nanoforge.machine"] == set() and graph["nanoforge.overrides"] == set()
     assert graph["nanoforge.threads"] <= {"nanoforge.errors"}
     # the from-scratch model depends on nothing of the training framework around it
     assert graph["nanoforge.model"] <= {"nanoforge.errors", "nanoforge.sampling"}
@@ -64,8 +65,8 @@ def test_every_module_imports_in_a_fresh_interpreter_and_the_glue_imports_no_tor
     code = (
         "import sys\n"
         f"sys.path.insert(0, {str(SRC)!r})\n"
-        "import nanoforge.hydra_setup\n"
-        "assert 'torch' not in sys.modules, 'hydra_setup pulled in torch'\n"
+        "import nanoforge.hydra_setup, nanoforge.cli\n"
+        "assert 'torch' not in sys.modules, 'the glue or the command line pulled in torch'\n"
         f"for name in {modules!r}:\n"
         "    __import__(name)\n"
         "print('ok')\n"

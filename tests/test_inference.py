@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,6 +51,8 @@ def gen_cfg(run, **kw):
 
 def eval_cfg(run, **kw):
     base = {"ckpt": str(run), "batch_size": 16, "output": None, "device": "cpu", "data": None}
+    # the run's corpus lies in its parent folder: that is "this checkout's data folder" here
+    base["paths"] = {"data_dir": str(Path(run).parent)}
     return OmegaConf.create({**base, **kw})
 
 
@@ -143,7 +146,7 @@ def test_evaluate_ids_scores_every_token_once():
 def test_evaluation_data_is_the_recorded_text_unless_another_is_given(tiny_run, tmp_path):
     model, tok, ckpt = load_model(tiny_run)
     block = model.config.block_size
-    recorded = evaluation_data(ckpt, None, tok, block)
+    recorded = evaluation_data(ckpt, None, tok, block, tiny_run.parent)
     assert (recorded.corpus, recorded.path) == (
         "text",
         str((tiny_run.parent / "corpus.txt").resolve()),
@@ -151,11 +154,51 @@ def test_evaluation_data_is_the_recorded_text_unless_another_is_given(tiny_run, 
     assert recorded.tokenizer is tok and recorded.block_size == block
     other = tmp_path / "other.txt"
     chosen = OmegaConf.create({"corpus": "text", "path": str(other), "batch_size": 99})
-    swapped = evaluation_data(ckpt, chosen, tok, block)
+    swapped = evaluation_data(ckpt, chosen, tok, block, tiny_run.parent)
     assert swapped.path == str(other) and swapped.val_fraction == recorded.val_fraction
     assert swapped.batch_size == recorded.batch_size  # only the keys that choose the text
     with pytest.raises(UserError, match="does not say which corpus"):
-        evaluation_data({"hyper_parameters": {}}, None, tok, block)
+        evaluation_data({"hyper_parameters": {}}, None, tok, block, tiny_run.parent)
+
+
+def test_a_checkpoint_from_elsewhere_reads_no_file_outside_data_and_writes_no_cache_it_names(
+    tiny_run, tmp_path
+):
+    """A downloaded checkpoint recording /some/secret file and a cache folder of its choosing:
+    eval reads neither without the user's own data.path=, and never writes where it says."""
+    model, tok, ckpt = load_model(tiny_run)
+    secret = tmp_path / "secret" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_text("PRIVATE KEY " * 500)
+    planted = tmp_path / "planted-cache"
+    crafted = dict(ckpt)
+    crafted["datamodule_hyper_parameters"] = {
+        **ckpt["datamodule_hyper_parameters"],
+        "path": str(secret),
+        "cache_dir": str(planted),
+    }
+    data_dir = tmp_path / "checkout" / "data"
+    opened = []
+    real_open = open
+
+    def watching_open(file, *a, **k):
+        opened.append(str(file))
+        return real_open(file, *a, **k)
+
+    import builtins
+
+    builtins.open = watching_open
+    try:
+        with pytest.raises(UserError, match=r"outside this checkout's data folder.*data.path="):
+            evaluation_data(crafted, None, tok, model.config.block_size, data_dir).setup()
+    finally:
+        builtins.open = real_open
+    assert str(secret) not in opened and not planted.exists()
+    # the user's own corpus, given by them: read, and its tokens cached in the checkout only
+    mine = OmegaConf.create({"corpus": "text", "path": str(tiny_run.parent / "corpus.txt")})
+    data = evaluation_data(crafted, mine, tok, model.config.block_size, data_dir)
+    data.setup("validate")
+    assert not planted.exists() and list((data_dir / "cache").glob("tokens-*.bin"))
 
 
 def test_eval_is_deterministic_and_writes_eval_json(tiny_run):
@@ -216,3 +259,43 @@ def test_generate_and_eval_work_unchanged_on_a_bpe_checkpoint(tmp_path, one_thre
         datamodule.tokenizer.decode(datamodule.val_ids[:1]).encode()
     )  # every scored token's bytes
     assert res["bpb"] == pytest.approx(res["loss"] * res["tokens"] / res["bytes"] / math.log(2))
+
+
+def test_sampling_stops_at_end_of_text_unless_told_to_go_on():
+    """A BPE model's <|endoftext|> ends the sample (streamed or batched); stop_at_eot=false
+    samples on past it."""
+    from nanoforge.inference import _sample
+    from nanoforge.tokenizer import BPETokenizer
+
+    tok = BPETokenizer.train([make_text(5000, seed=3)], vocab_size=300)
+    a, b, eot = tok.encode(" the")[0], tok.encode(" a")[0], tok.eot_id
+    script = [[a, a], [eot, b], [b, eot], [a, a]]  # step by step: row 0 ends at step 2, row 1 at 3
+
+    class Scripted:
+        def generate(self, idx, n, *args, **kw):
+            for step in script[:n]:
+                yield torch.tensor(step[: len(idx)])
+
+    def run(num_samples, stop=True):
+        cfg = OmegaConf.create(
+            {**dict(gen_cfg("x")), "num_samples": num_samples, "stop_at_eot": stop}
+        )
+        idx = torch.zeros(num_samples, 1, dtype=torch.long)
+        return _sample(Scripted(), tok, "P", idx, None, cfg, io.StringIO())
+
+    assert run(1) == ["P the"]
+    assert run(2) == ["P the", "P" + tok.decode([a, b])]
+    assert run(1, stop=False) == ["P" + tok.decode([a, eot, b, a])]
+    assert "<|endoftext|>" in run(1, stop=False)[0]
+
+
+def test_greedy_decoding_from_nan_weights_is_an_error_not_text(tiny_run, tmp_path):
+    ckpt = torch.load(tiny_run / "checkpoints" / "last.ckpt", weights_only=True)
+    for name, value in ckpt["state_dict"].items():
+        if name.endswith("ln_f.weight"):
+            value.fill_(float("nan"))
+    torch.save(ckpt, tmp_path / "nan.ckpt")
+    out = io.StringIO()
+    with pytest.raises(UserError, match="not finite"):
+        generate(gen_cfg(tmp_path / "nan.ckpt", temperature=0.0, num_samples=2), out=out)
+    assert out.getvalue() == ""

@@ -35,6 +35,33 @@ def test_run_name_carries_what_the_run_trains_not_where_it_is_kept():
     assert len(run_name([f"+k{i}=v" for i in range(100)], max_len=40)) == 40
 
 
+@pytest.mark.parametrize(
+    "override",
+    ["+a=$_x", "+a=$X/b", "+a=${oc.env:X}", "+a=~/b", "+a=../../b", "+a=\\..\\x", "+a=%X%", ".."],
+)
+def test_a_run_name_is_a_folder_name_no_library_can_move(tmp_path, monkeypatch, override):
+    """No `$`, `~`, path separator, `..` or leading dot: TensorBoard's logger expands `$VAR`
+    and `~` in its folder (`$_` is the shell's last command), and neither a name nor a `$NAME`
+    in the run directory itself sends the events to another folder."""
+    monkeypatch.setenv("_", "/usr/bin/make")
+    monkeypatch.setenv("X", str(tmp_path / "elsewhere"))
+    name = run_name([override, "model=tiny"])
+    assert not set(name) & set("$~/\\%") and ".." not in name and not name.startswith(".")
+    assert "model=tiny" in name
+    run_dir = tmp_path / "run$X"
+    logger = TensorBoard(str(run_dir), version=name)
+    assert Path(logger.log_dir) == run_dir / "tensorboard" / name
+    logger.log_metrics({"val/loss": 1.0}, step=1)
+    logger.finalize("success")
+    assert [p.parent for p in tmp_path.rglob("events.out.tfevents.*")] == [Path(logger.log_dir)]
+
+
+def test_a_sweep_job_name_shows_an_interpolation_as_written():
+    """Hydra records `+x=${paths.output_dir}` in a sweep job as `+x=$\\{paths.output_dir\\}`."""
+    job = ["+out=$\\{paths.output_dir\\}", "model=tiny"]
+    assert run_name(job) == "+out={paths.output_dir},model=tiny"
+
+
 def test_a_resumed_run_writes_on_in_the_folder_it_started(tmp_path):
     assert existing_version(tmp_path) is None
     (tmp_path / "optim.lr=0.001").mkdir()

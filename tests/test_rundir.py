@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from nanoforge import rundir
+from nanoforge import rundir, runs
 from nanoforge.checkpoint import resolve_checkpoint
+from nanoforge.cli import expand_resume
 from nanoforge.errors import UserError
-from nanoforge.hydra_setup import expand_resume, find_runs, latest_run
+from nanoforge.runs import find_runs, latest_run
 
 
 def make_run(log_dir: Path, name: str, started: float, *, metrics=None, ckpt=True) -> Path:
@@ -147,7 +148,7 @@ def test_a_locked_directory_names_the_process_that_holds_it(tmp_path):
             UserError, match=f"in use: another training process \\(pid {holder.pid}\\)"
         ):
             rundir.lock(run)
-        assert rundir.run_status(run)[0] == "running"
+        assert runs.run_status(run)[0] == "running"
     finally:
         holder.kill()
         holder.wait()
@@ -163,9 +164,7 @@ def test_status_comes_from_what_the_directory_holds(tmp_path):
     killed = make_run(tmp_path, "d", now)  # kill -9: a checkpoint, no summary
     failed = make_run(tmp_path, "e", now, metrics={"status": "failed", "error": "nan"})
     crashed = make_run(tmp_path, "f", now, ckpt=False)
-    statuses = [
-        rundir.run_status(r)[0] for r in (finished, legacy, stopped, killed, failed, crashed)
-    ]
+    statuses = [runs.run_status(r)[0] for r in (finished, legacy, stopped, killed, failed, crashed)]
     assert statuses == ["finished", "finished", "stopped", "stopped", "failed", "failed"]
 
 
@@ -180,21 +179,23 @@ def test_runs_are_listed_newest_first_with_status_loss_and_overrides(tmp_path):
     (job / ".hydra" / "config.yaml").write_text("seed: 1\n")
     os.utime(job / ".hydra" / "config.yaml", (now - 60, now - 60))
     assert [p.name for p in find_runs(tmp_path)] == ["new", "0", "old"]
-    lines = rundir.list_runs(tmp_path).splitlines()
+    lines = runs.list_runs(tmp_path).splitlines()
     assert lines[0].split()[:6] == ["started", "status", "steps", "val/loss", "run", "overrides"]
     assert lines[1].split()[2:5] == ["stopped", "20", "3.2500"] and "seed=new" in lines[1]
     assert lines[2].split()[2] == "failed" and "multiruns/sweep/0" in lines[2]
     assert lines[3].split()[2:5] == ["finished", "50", "2.5000"]
-    assert "no runs under" in rundir.list_runs(tmp_path / "empty")
+    assert "no runs under" in runs.list_runs(tmp_path / "empty")
 
 
-def test_last_is_the_most_recent_run_with_a_checkpoint(tmp_path, monkeypatch):
+def test_last_is_the_most_recent_run_with_a_checkpoint(tmp_path, monkeypatch, capsys):
     now = time.time()
     older = make_run(tmp_path / "logs", "older", now - 60)
     make_run(tmp_path / "logs", "newest", now, ckpt=False)  # failed before any checkpoint
     monkeypatch.chdir(tmp_path)
     assert latest_run("logs") == Path("logs") / "train" / "runs" / "older"
     assert resolve_checkpoint("last") == Path("logs/train/runs/older/checkpoints/last.ckpt")
+    # ckpt=last, init_from=last: which run, before anything is loaded
+    assert capsys.readouterr().err.startswith(f"last = {Path('logs/train/runs/older')} (")
     argv = expand_resume(["train.py", "resume=last", "trainer.max_steps=9"])
     assert argv[-2:] == [
         f"hydra.run.dir={Path('logs/train/runs/older')}",

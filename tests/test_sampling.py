@@ -73,3 +73,17 @@ def test_bad_sampling_args(args):
     with pytest.raises(UserError):
         check_sampling_args(*args)
     check_sampling_args(10, 0.8, 40, 0.95)  # a good set passes
+
+
+def test_non_finite_logits_are_an_error_not_text():
+    logits = torch.zeros(2, 5)
+    logits[1, 3] = float("nan")
+    for temperature in (0.0, 1.0):  # greedy would pick the NaN's index without the check
+        with pytest.raises(UserError, match="not finite .* earlier checkpoint"):
+            sample_next(logits, temperature)
+
+
+def test_a_temperature_that_overflows_the_logits_is_one_line():
+    logits = torch.tensor([[1.0, 50.0, -3.0]])
+    with pytest.raises(UserError, match="temperature=1e-40 is so small .* temperature=0"):
+        sample_next(logits, 1e-40)

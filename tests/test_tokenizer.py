@@ -138,3 +138,41 @@ def test_bpe_state_is_plain_data_and_round_trips():
 
 def test_bpe_training_is_deterministic():
     assert BPETokenizer.train([CORPUS], vocab_size=320) == BPE
+
+
+def test_eot_is_the_last_id_and_stands_for_no_bytes():
+    """<|endoftext|> ends every document: the last id, never produced by encoding text (even
+    text that spells it), and 0 bytes in bits per byte."""
+    assert BPE.eot_id == BPE.vocab_size - 1
+    assert BPE.eot_id not in BPE.encode("a<|endoftext|>b").tolist()
+    assert BPE.token_bytes()[BPE.eot_id] == 0
+    assert BPE.decode([BPE.eot_id]) == "<|endoftext|>"
+    assert CharTokenizer.from_text("ab").eot_id is None
+
+
+def test_tiktoken_encodes_as_the_tokenizers_json_says():
+    """The checkpoint keeps the tokenizers JSON; tiktoken (the fast path) and the tokenizers
+    library reading that JSON give the same ids."""
+    slow = BPETokenizer.from_hf_json(BPE.to_hf_json())
+    assert BPE.fast and not slow.fast
+    text = CORPUS[:3000] + " naïve café 東京 🙂 x_y 3.14\n\n  end  "
+    assert slow.encode(text).tolist() == BPE.encode(text).tolist()
+    assert [a.tolist() for a in BPE.encode_batch([text, "x"], 2)] == [
+        slow.encode(text).tolist(),
+        slow.encode("x").tolist(),
+    ]
+
+
+def test_a_vocab_size_the_corpus_cannot_fill_says_what_it_came_out_as(caplog):
+    with caplog.at_level("WARNING"):
+        tok = BPETokenizer.train(["ab ab ab cd"], vocab_size=4096)
+    assert tok.vocab_size < 4096 and tok.eot_id == tok.vocab_size - 1
+    assert f"came out as {tok.vocab_size:,} tokens" in caplog.text
+
+
+def test_a_large_character_vocabulary_suggests_bpe(caplog):
+    with caplog.at_level("WARNING"):
+        CharTokenizer([chr(c) for c in range(0x4E00, 0x4E00 + 200)]).warn_if_large()
+        assert caplog.text == ""
+        CharTokenizer([chr(c) for c in range(0x4E00, 0x4E00 + 1952)]).warn_if_large()
+    assert "1,952" in caplog.text and "tokenizer=bpe" in caplog.text

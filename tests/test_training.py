@@ -55,7 +55,7 @@ def _latin1(p: Path) -> Path:
     "make, match",
     [
         (lambda p: p / "missing.txt", "does not exist"),
-        (lambda p: (p / "d").mkdir() or p / "d", "no .txt files"),
+        (lambda p: (p / "d").mkdir() or p / "d", "no .txt/.md/.jsonl"),
         (lambda p: (p / "e.txt").write_text("") is not None and p / "e.txt", "empty"),
         (
             lambda p: (

@@ -10,9 +10,9 @@ Training is three lines of idea, repeated:
    vocabulary has ``vocab_size`` tokens.
 
 Encoding replays the merges in the order they were learned. This is what
-:class:`nanoforge.tokenizer.BPETokenizer` does with Hugging Face ``tokenizers``, in Rust on
-every core, fast enough for real corpora; this module exists to be read, and its tests check
-that both compress the same text to about the same number of tokens.
+:class:`nanoforge.tokenizer.BPETokenizer` does with ``rustbpe`` (learning) and ``tiktoken``
+(encoding), in Rust on every core, fast enough for real corpora; this module exists to be
+read, and its tests check that both learn the same merges and give the same tokens.
 """
 
 from __future__ import annotations

@@ -141,7 +141,7 @@ class RunCheckpoint(ModelCheckpoint):
     The state is saved at the end of that step (``on_train_batch_end``); when a validation
     follows at the same step, the state after it replaces that one, so a run continued from
     it neither repeats nor skips the validation. Written like every checkpoint (atomically,
-    ``nanoforge.checkpoint_io``); a checkpoint callback runs after the other callbacks, so
+    ``nanoforge.checkpoint_writer``); a checkpoint callback runs after the other callbacks, so
     their state is complete.
     """
 
@@ -344,12 +344,15 @@ class RunSummary(L.Callback):
         if trainer.sanity_checking:
             return
         m = trainer.callback_metrics
+        # downstream task scores (nanoforge.downstream), when scored at this validation
+        scored = {k: v for c in trainer.callbacks for k, v in getattr(c, "scored", {}).items()}
         if "val/loss" in m:
             self.history.append(
                 {
                     "step": trainer.global_step,
                     "val/loss": float(m["val/loss"]),
                     **{k: float(m[k]) for k in ("val/bpc", "val/bpb") if k in m},
+                    **scored,
                 }
             )
 
@@ -381,6 +384,8 @@ class RunSummary(L.Callback):
             "peak_memory_mb": peak_memory_mb(pl_module.device),
             # what the end-of-run hint needs to extend the run as if planned longer
             "schedule": describe(pl_module.optim_config, trainer.max_steps),
+            # the latest downstream task scores (nanoforge.downstream): what a sweep ranks by
+            **{k: v for h in self.history for k, v in h.items() if k.startswith("eval/")},
             "history": self.history,
         }
 

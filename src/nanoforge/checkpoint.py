@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from nanoforge.errors import UserError
-from nanoforge.hydra_setup import latest_run
-from nanoforge.model import GPT, GPTConfig
+from nanoforge.model import GPT, GPTConfig, check_weights_fit
+from nanoforge.runs import latest_run, say_last
 from nanoforge.tokenizer import same_tokenizer, tokenizer_from_state
 
 
@@ -27,6 +27,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if str(path) == "last" and not p.exists():
         p = latest_run("logs", ("best.ckpt", "last.ckpt"))
+        say_last(p)
     if not p.exists():
         raise UserError(
             f"checkpoint {str(p)!r} does not exist: pass a .ckpt file or a run directory"
@@ -96,13 +97,20 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
             "inside). Pass a checkpoint from a nanoforge run."
         )
     tokenizer = tokenizer_from_state(hp["tokenizer"])
-    model = GPT(GPTConfig.from_dict(dict(hp["model"])))
+    config = GPTConfig.from_dict(dict(hp["model"]))
     # GPTModule keeps the GPT under `model.`; a compiled module adds `_orig_mod.`
     state = {
         k.removeprefix("model.").replace("_orig_mod.", ""): v
         for k, v in ckpt["state_dict"].items()
         if k.startswith("model.")
     }
+    check_weights_fit(config, state, repr(str(p)))  # before GPT() allocates anything
+    if tokenizer.vocab_size != config.vocab_size:  # training makes them equal
+        raise UserError(
+            f"{str(p)!r}: its tokenizer has {tokenizer.vocab_size} tokens but its model "
+            f"{config.vocab_size}: a tampered or mismatched checkpoint; use one nanoforge saved"
+        )
+    model = GPT(config)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

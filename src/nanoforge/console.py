@@ -195,3 +195,22 @@ class ProgressLog(L.Callback):
             eta = f", ETA {_duration((total - step) / rate)}" if total and total > step else ""
             parts.append(f"({rate:.2f} steps/s{eta})")
         log.info(" ".join(parts))
+
+
+def print_config_tree(cfg, order=("data", "model", "optim", "trainer")) -> None:
+    """The resolved config as a rich tree, main groups first (``print_config=true``)."""
+    import rich
+    import rich.syntax
+    import rich.tree
+    from omegaconf import DictConfig, OmegaConf
+
+    tree = rich.tree.Tree("config", style="bold", guide_style="dim")
+    keys = [k for k in order if k in cfg] + [k for k in cfg if k not in order]
+    for key in keys:
+        branch = tree.add(str(key), style="bold cyan")
+        value = cfg[key]
+        text = (
+            OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        )
+        branch.add(rich.syntax.Syntax(text.rstrip() or "null", "yaml", theme="ansi_dark"))
+    rich.print(tree)

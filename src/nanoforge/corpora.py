@@ -1,26 +1,30 @@
 """Where the text comes from: the embedded Shakespeare, tiny Shakespeare, the Python standard
-library's own sources, or any text file or folder.
+library's own sources, any files of documents (text, JSON Lines, Parquet:
+:mod:`nanoforge.documents`) or a Hugging Face dataset.
 
-A corpus is a list of *parts* (:func:`corpus_parts`): files, read in blocks, and strings (text
-made in memory, separators), so a folder of many files is streamed, never joined into one
-string (:func:`iter_text`, :func:`iter_bytes`). :func:`load_corpus` joins them, for small
-texts and tests. Reading is strict: a missing path, an empty corpus or
-bytes that are not UTF-8 end in a :class:`UserError` naming the file (and byte offset) and
-the fix, before any training starts.
+:func:`open_corpus` is the one way in (``data.corpus``, ``data.path`` ...): it returns a
+:class:`Corpus`, whose documents are streamed as often as preparation needs them (never joined
+into one string), with its identity (:meth:`Corpus.sha256`, over the source's raw bytes: cheap,
+and unchanged for the text corpora of earlier versions) and size. Reading is strict: a missing
+path, an empty corpus, bytes that are not UTF-8 or a bad row end in a :class:`UserError` naming
+the file (and byte offset or row) and the fix, before any training starts.
 """
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import sysconfig
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from nanoforge import documents
+from nanoforge.documents import Piece
 from nanoforge.errors import UserError
 from nanoforge.io import atomic_write_bytes
 
@@ -28,108 +32,6 @@ TINYSHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-
-
-# --------------------------------------------------------------------------- reading files
-def read_utf8(path: Path) -> str:
-    """Read a UTF-8 file; invalid bytes are a UserError naming the file and byte offset."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(
-            f"{path} is not UTF-8 text: byte offset {e.start} (0x{data[e.start]:02x}) cannot be "
-            "decoded. Convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or pass another "
-            "data.path."
-        ) from None
-
-
-Part = Path | str  # a file to read, or text
-BLOCK = 8 << 20  # bytes read at a time
-
-
-def text_parts(path: str | os.PathLike, suffix: str = ".txt") -> list[Part]:
-    """A UTF-8 file, or every ``*suffix`` file under a directory (sorted, separated by blank
-    lines), as parts."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise UserError(f"data.path {str(p)!r} does not exist. Pass an existing file or directory.")
-    if not p.is_dir():
-        return [p]
-    files = sorted(f for f in p.rglob(f"*{suffix}") if f.is_file())
-    if not files:
-        raise UserError(
-            f"data.path {str(p)!r} is a directory with no {suffix} files. "
-            "Put UTF-8 text files in it or point data.path at a file."
-        )
-    parts: list[Part] = []
-    for f in files:
-        parts += ["\n\n", f] if parts else [f]
-    return parts
-
-
-def iter_bytes(parts: list[Part]) -> Iterator[bytes]:
-    """The corpus's UTF-8 bytes, block by block (what its sha256 is taken over)."""
-    for part in parts:
-        if isinstance(part, str):
-            yield part.encode("utf-8")
-            continue
-        with open(part, "rb") as f:
-            while block := f.read(BLOCK):
-                yield block
-
-
-def _decode_file(path: Path) -> Iterator[str]:
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(BLOCK)
-            try:
-                text = decoder.decode(block, final=not block)
-            except UnicodeDecodeError as e:
-                bad = offset + e.start - len(decoder.getstate()[0]) if block else offset + e.start
-                raise UserError(
-                    f"{path} is not UTF-8 text: byte offset {bad} (0x{e.object[e.start]:02x}) "
-                    "cannot be decoded. Convert the file to UTF-8 (e.g. `iconv -f latin1 -t "
-                    "utf-8`) or pass another data.path."
-                ) from None
-            if "\x00" in text:
-                raise UserError(
-                    f"{path} contains NUL bytes: it looks like a binary file, not text."
-                )
-            if text:
-                yield text
-            if not block:
-                return
-            offset += len(block)
-
-
-def iter_text(parts: list[Part]) -> Iterator[str]:
-    """The corpus's text, piece by piece; bytes that are not UTF-8, NUL bytes: UserError."""
-    for part in parts:
-        if isinstance(part, str):
-            if part:
-                yield part
-        else:
-            yield from _decode_file(part)
-
-
-def read_text_corpus(path: str | os.PathLike) -> str:
-    """A UTF-8 file, or every ``*.txt`` file under a directory (sorted, joined by blank lines)."""
-    p = Path(path).expanduser()
-    parts = text_parts(p)
-    # one file: the whole-file read names the byte offset exactly
-    text = read_utf8(p) if len(parts) == 1 else "".join(iter_text(parts))
-    if not text.strip():
-        raise UserError(
-            f"data.path {str(p)!r} holds no text (it is empty). Use a non-empty corpus."
-        )
-    if "\x00" in text:
-        raise UserError(
-            f"data.path {str(p)!r} contains NUL bytes: it looks like a binary file, not text."
-        )
-    return text
 
 
 # --------------------------------------------------------------------------- embedded plays
@@ -212,7 +114,7 @@ def _play_files() -> list[Path]:
 
 
 def _convert_plays(files: list[Path]) -> str:
-    return "\n\n".join(markdown_play_to_text(read_utf8(f)) for f in files) + "\n"
+    return "\n\n".join(markdown_play_to_text(f.read_text(encoding="utf-8")) for f in files) + "\n"
 
 
 def shakespeare_plays_file(cache_dir: str | os.PathLike) -> Path:
@@ -240,20 +142,19 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def load_tinyshakespeare(path: str | None, cache_dir: str | os.PathLike | None) -> str:
-    """The char-rnn corpus: from ``path`` if given, else the cache, else downloaded once.
+def load_tinyshakespeare(cache_dir: str | os.PathLike | None) -> Path | str:
+    """The char-rnn corpus: the file in ``cache_dir``, else downloaded once (``data.path``
+    reads a copy instead).
 
     A download is checked against the published sha256 before it is written (atomically)
-    into ``cache_dir`` (not kept when ``cache_dir`` is None); offline, the error says to pass
-    ``data.path``.
+    into ``cache_dir`` (held in memory when ``cache_dir`` is None); offline, the error says
+    to pass ``data.path``.
     """
-    if path:
-        return read_text_corpus(path)
     cached = Path(cache_dir) / "tinyshakespeare.txt" if cache_dir else None
     if cached is not None and cached.is_file():
         data = cached.read_bytes()
         if sha256_bytes(data) == TINYSHAKESPEARE_SHA256:
-            return data.decode("utf-8")
+            return cached
         cached.unlink()  # corrupt cache: fetch again
     try:
         with urllib.request.urlopen(TINYSHAKESPEARE_URL, timeout=30) as r:
@@ -269,9 +170,10 @@ def load_tinyshakespeare(path: str | None, cache_dir: str | os.PathLike | None) 
             f"the downloaded tiny Shakespeare has sha256 {digest}, expected "
             f"{TINYSHAKESPEARE_SHA256}; nothing was cached. Pass a good copy with data.path=FILE."
         )
-    if cached is not None:
-        atomic_write_bytes(cached, data)
-    return data.decode("utf-8")
+    if cached is None:
+        return data.decode("utf-8")
+    atomic_write_bytes(cached, data)
+    return cached
 
 
 # --------------------------------------------------------------------------- python sources
@@ -295,9 +197,9 @@ def _is_test_or_vendored(rel: Path) -> bool:
     )
 
 
-def pycode_parts(path: str | None = None) -> list[Part]:
+def pycode_files(path: str | None = None) -> list[Path]:
     """Every ``.py`` file of the standard library (or of ``path``), sorted, tests and
-    installed packages left out, separated by blank lines."""
+    installed packages left out: one document each."""
     root = Path(path).expanduser() if path else stdlib_dir()
     if not root.is_dir():
         raise UserError(f"data.path {str(root)!r} is not a directory of .py files")
@@ -308,43 +210,138 @@ def pycode_parts(path: str | None = None) -> list[Part]:
     )
     if not files:
         raise UserError(f"{root} holds no .py files: pass data.path=DIR with Python sources")
-    parts: list[Part] = []
-    for f in files:
-        parts += ["\n\n", f] if parts else [f]
-    return parts
+    return files
 
 
 # --------------------------------------------------------------------------- any corpus
-CORPORA = ("shakespeare", "tinyshakespeare", "text", "pycode")
+Part = Path | str  # a file of documents, or one document's text
 
 
-def corpus_parts(name: str, path: str | None, cache_dir: str | os.PathLike | None) -> list[Part]:
-    """The parts of corpus ``name`` (``data.corpus``): ``path`` reads a file or folder instead
-    of the built-in source; ``cache_dir`` keeps a download (None: nothing is kept)."""
+@dataclass
+class Corpus:
+    """A corpus: documents from files (or texts made in memory), in order.
+
+    ``pieces()`` streams them (see :mod:`nanoforge.documents`); ``max_chars`` cuts the stream
+    after that many characters. ``sha256()`` identifies the source by its raw bytes (the files
+    separated by blank lines, as earlier versions hashed a folder of text), so a cached token
+    file is found without parsing anything.
+    """
+
+    name: str  # what it is, for messages and token-file headers
+    parts: list[Part]
+    text_field: str = "text"
+    max_chars: int | None = None
+    options: dict = field(default_factory=dict)  # what else changes the documents (the key)
+
+    def pieces(self) -> Iterator[Piece]:
+        return documents.limit_chars(self._all_pieces(), self.max_chars)
+
+    def _all_pieces(self) -> Iterator[Piece]:
+        for part in self.parts:
+            if isinstance(part, str):
+                yield part, True
+            else:
+                yield from documents.file_pieces(part, self.text_field)
+
+    def raw_bytes(self) -> Iterator[bytes]:
+        for i, part in enumerate(self.parts):
+            if i:
+                yield b"\n\n"
+            if isinstance(part, str):
+                yield part.encode("utf-8")
+                continue
+            with open(part, "rb") as f:
+                while block := f.read(documents.BLOCK):
+                    yield block
+
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        for block in self.raw_bytes():
+            h.update(block)
+        return h.hexdigest()
+
+    def n_bytes(self) -> int:
+        """The source's size on disk (compressed files count as stored): for progress bars."""
+        return sum(len(p.encode()) if isinstance(p, str) else p.stat().st_size for p in self.parts)
+
+    def key(self) -> dict:
+        """What, beside the source's bytes, decides its documents."""
+        structured = any(
+            isinstance(p, Path) and documents.file_format(p) != "text" for p in self.parts
+        )
+        return {
+            **({"text_field": self.text_field} if structured else {}),
+            **({"max_chars": int(self.max_chars)} if self.max_chars else {}),
+            **self.options,
+        }
+
+
+class HFCorpus(Corpus):
+    """A Hugging Face dataset (``data=hf``): streamed by name from the hub or its local cache,
+    or read from a ``save_to_disk`` folder (``data.path``). Identity: the folder's bytes, or
+    the name, config and split (a dataset changed upstream needs a fresh ``data.cache_dir``)."""
+
+    def _all_pieces(self) -> Iterator[Piece]:
+        folder = self.parts[0] if self.parts else None
+        yield from documents.dataset_pieces(folder, self.text_field, self.options)
+
+    def raw_bytes(self) -> Iterator[bytes]:
+        if not self.parts:
+            yield json.dumps(self.options, sort_keys=True).encode()
+            return
+        folder = self.parts[0]
+        for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+            yield f.relative_to(folder).as_posix().encode() + b"\0"
+            yield f.read_bytes()
+
+    def n_bytes(self) -> int:
+        if not self.parts:
+            return 0
+        return sum(p.stat().st_size for p in Path(self.parts[0]).rglob("*") if p.is_file())
+
+
+CORPORA = ("shakespeare", "tinyshakespeare", "text", "pycode", "hf")
+
+
+def open_corpus(
+    name: str,
+    path: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    text_field: str = "text",
+    max_chars: int | None = None,
+    hf: dict | None = None,
+) -> Corpus:
+    """Corpus ``name`` (``data.corpus``): ``path`` reads a file or folder of documents instead
+    of the built-in source; ``cache_dir`` keeps a download or conversion (None: in memory);
+    ``hf``: ``{"name", "config", "split"}`` of a Hugging Face dataset (``data=hf``)."""
+    if max_chars is not None and int(max_chars) < 1:
+        raise UserError(f"data.max_chars must be >= 1 (or null for all), got {max_chars}")
+    if name == "hf":
+        hf = {k: v for k, v in (hf or {}).items() if v is not None}
+        if not path and not hf.get("name"):
+            raise UserError(
+                "data=hf needs a dataset: data.name=NAME (e.g. HuggingFaceFW/fineweb-edu), or "
+                "data.path=DIR of a dataset saved with save_to_disk"
+            )
+        parts: list[Part] = [Path(path).expanduser()] if path else []
+        if path and not parts[0].is_dir():
+            raise UserError(f"data.path {path!r} is not a folder made by save_to_disk")
+        label = str(path) if path else f"hf:{hf['name']}"
+        return HFCorpus(label, parts, text_field, max_chars, hf)
+    if path:
+        found: list[Part] = list(
+            pycode_files(path) if name == "pycode" else documents.find_files(path)
+        )
+        return Corpus(str(Path(path).expanduser()), found, text_field, max_chars)
     if name == "shakespeare":
-        if path:
-            return text_parts(path)
-        return [shakespeare_plays_file(cache_dir)] if cache_dir else [load_shakespeare_plays()]
+        plays = shakespeare_plays_file(cache_dir) if cache_dir else load_shakespeare_plays()
+        return Corpus("corpus shakespeare", [plays], text_field, max_chars)
     if name == "tinyshakespeare":
-        return text_parts(path) if path else [load_tinyshakespeare(None, cache_dir)]
-    if name == "text":
-        if not path:
-            raise UserError("data=text needs a file or folder: pass data.path=FILE_OR_DIR")
-        return text_parts(path)
+        return Corpus(
+            "corpus tinyshakespeare", [load_tinyshakespeare(cache_dir)], text_field, max_chars
+        )
     if name == "pycode":
-        return pycode_parts(path)
+        return Corpus("corpus pycode", list(pycode_files()), text_field, max_chars)
+    if name == "text":
+        raise UserError("data=text needs a file or folder: pass data.path=FILE_OR_DIR")
     raise UserError(f"unknown corpus {name!r}: choose {', '.join(CORPORA)}")
-
-
-def load_corpus(name: str, path: str | None, cache_dir: str | os.PathLike | None) -> str:
-    """The text of corpus ``name``, as one string (small corpora; training streams parts)."""
-    if (name == "shakespeare" and path) or name == "text":
-        if not path:
-            raise UserError("data=text needs a file or folder: pass data.path=FILE_OR_DIR")
-        return read_text_corpus(path)
-    if name == "tinyshakespeare":
-        return load_tinyshakespeare(path, cache_dir)
-    text = "".join(iter_text(corpus_parts(name, path, cache_dir)))
-    if not text.strip():
-        raise UserError(f"corpus {name!r} holds no text")
-    return text

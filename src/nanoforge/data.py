@@ -1,12 +1,13 @@
 """From a corpus to training pairs ``(x, y)`` with ``y`` = ``x`` shifted by one (step 2 of the
 README's table).
 
-corpus (streamed) -> tokenizer (``tokenizer=char|bpe``) -> one token file on disk, encoded
-once and read back through ``np.memmap`` (:mod:`nanoforge.shards`; ``prepare_data``) -> a
-contiguous split (the first 90 % of the characters train, the last 10 % validate) -> random
-windows of ``block_size + 1`` tokens. The split happens in one place, the shard's header:
-training builds the DataModule from ``cfg.data``, and evaluation rebuilds the same one from
-what the checkpoint recorded (``TextDataModule.hparams``).
+corpus (documents, streamed: :mod:`nanoforge.corpora`) -> tokenizer (``tokenizer=char|bpe``) ->
+one token file on disk, encoded once and read back through ``np.memmap``
+(:mod:`nanoforge.shards`; ``prepare_data``) -> a contiguous split (the first 90 % of the
+characters train, the last 10 % validate) -> random windows of ``block_size + 1`` tokens. The
+split happens in one place, the shard's header: training builds the DataModule from
+``cfg.data``, and evaluation rebuilds the same one from what the checkpoint recorded
+(``TextDataModule.hparams``).
 
 Windows are cut in bulk (one gather per batch, no per-item Python; from a memory map only the
 windows' pages are read, so memory does not grow with the corpus), which is why the dataset
@@ -18,6 +19,7 @@ resumes exactly: a resumed run restarts the stream at the batch index it had rea
 from __future__ import annotations
 
 import mmap
+import os
 from pathlib import Path
 
 import lightning as L
@@ -26,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from nanoforge import shards
-from nanoforge.corpora import corpus_parts
+from nanoforge.corpora import open_corpus
 from nanoforge.errors import UserError
 from nanoforge.tokenizer import TOKENIZER_KINDS, Tokenizer
 
@@ -37,6 +39,15 @@ def batch_seed(seed: int, split: str, rank: int, index: int) -> int:
     """A well-mixed 63-bit seed for one batch (SeedSequence hashes the tuple)."""
     state = np.random.SeedSequence([seed, _SPLIT_IDS[split], rank, index]).generate_state(2)
     return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+def _absolute(path: str) -> str:
+    """``path`` made absolute, symlinks resolved where they can be (a symlink loop stays as
+    given: reading it is the one-line error of nanoforge.documents)."""
+    try:
+        return str(Path(path).expanduser().resolve())
+    except (OSError, RuntimeError):
+        return os.path.abspath(os.path.expanduser(path))
 
 
 def release_pages(data: np.ndarray) -> None:
@@ -158,6 +169,11 @@ class TextDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 1337,
         tokenizer: Tokenizer | None = None,
+        text_field: str = "text",
+        max_chars: int | None = None,
+        name: str | None = None,
+        config: str | None = None,
+        split: str | None = None,
     ):
         super().__init__()
         if tokenizer_kind not in TOKENIZER_KINDS:
@@ -165,9 +181,10 @@ class TextDataModule(L.LightningDataModule):
                 f"tokenizer={tokenizer_kind!r} is not a tokenizer: choose "
                 f"{' or '.join(TOKENIZER_KINDS)} (tokenizer=bpe tokenizer.vocab_size=N)"
             )
-        if tokenizer_kind == "bpe" and (vocab_size is None or int(vocab_size) < 257):
+        if tokenizer_kind == "bpe" and (vocab_size is None or int(vocab_size) < 258):
             raise UserError(
-                f"tokenizer=bpe needs tokenizer.vocab_size >= 257 (256 bytes + merges), got "
+                f"tokenizer=bpe needs tokenizer.vocab_size >= 258 (256 bytes, merges and "
+                f"<|endoftext|>), got "
                 f"{vocab_size}. Use e.g. tokenizer.vocab_size=4096."
             )
         if block_size < 1:
@@ -184,18 +201,23 @@ class TextDataModule(L.LightningDataModule):
         self.save_hyperparameters(
             {
                 "corpus": corpus,
-                "path": str(Path(path).expanduser().resolve()) if path else None,
+                "path": _absolute(path) if path else None,
                 "tokenizer_kind": tokenizer_kind,
                 "vocab_size": int(vocab_size) if tokenizer_kind == "bpe" else None,
                 "block_size": block_size,
                 "batch_size": batch_size,
                 "val_fraction": val_fraction,
                 "val_batches": val_batches,
-                "cache_dir": str(Path(cache_dir).expanduser().resolve()) if cache_dir else None,
+                "cache_dir": _absolute(cache_dir) if cache_dir else None,
                 "num_workers": num_workers,
                 "seed": seed,
+                "text_field": text_field,
+                "max_chars": int(max_chars) if max_chars else None,
+                **({"name": name, "config": config, "split": split} if corpus == "hf" else {}),
             }
         )
+        self.text_field, self.max_chars = text_field, max_chars
+        self.hf = {"name": name, "config": config, "split": split}
         self.corpus, self.path, self.cache_dir = corpus, path, cache_dir
         self.tokenizer_kind = tokenizer_kind
         self.vocab_size = int(vocab_size) if tokenizer_kind == "bpe" else None
@@ -235,16 +257,16 @@ class TextDataModule(L.LightningDataModule):
 
     def shard(self) -> shards.Shard:
         """The corpus's tokens, from the token file in ``cache_dir`` (made if missing)."""
-        parts = corpus_parts(self.corpus, self.path, self.cache_dir)
-        source = self.hparams["path"] or f"corpus {self.corpus}"
+        corpus = open_corpus(
+            self.corpus, self.path, self.cache_dir, self.text_field, self.max_chars, self.hf
+        )
         return shards.load_or_prepare(
-            parts,
+            corpus,
             self.tokenizer_kind,
             self.vocab_size,
             self.val_fraction,
             self.cache_dir,
             tokenizer=self.tokenizer,
-            source=source,
         )
 
     # --- what the data was: saved in every checkpoint (Lightning calls state_dict), so that a

@@ -5,6 +5,7 @@ fix) and exit non-zero without a traceback. Anything else is a bug and keeps its
 """
 
 import sys
+from typing import NoReturn
 
 
 class UserError(Exception):
@@ -32,3 +33,9 @@ def find_user_error(exc: BaseException | None) -> BaseException | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def fail(message: str) -> NoReturn:
+    """End the process on a user error: one clear line on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)

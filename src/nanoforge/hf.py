@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from nanoforge.errors import UserError
-from nanoforge.model import GPT, GPTConfig
-from nanoforge.tokenizer import BPETokenizer, CharTokenizer
+from nanoforge.model import GPT, GPTConfig, check_weights_fit
+from nanoforge.tokenizer import BPETokenizer, CharTokenizer, boundary_token
 
 # GPT-2's activation names in config.json -> ours
 _ACT_IN = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -87,9 +85,29 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
         raise UserError(f"{where}: config.json is not a GPT-2 config ({e})") from None
 
 
+def _char_vocabulary(tok_json: str) -> list[str] | None:
+    """The characters of a character vocabulary exported by nanoforge (a WordLevel model of
+    single characters in sorted order, see :func:`char_tokenizer_json`), else None."""
+    try:
+        model = json.loads(tok_json).get("model") or {}
+    except (ValueError, AttributeError):
+        return None
+    if model.get("type") != "WordLevel" or not isinstance(model.get("vocab"), dict):
+        return None
+    by_id = sorted(model["vocab"].items(), key=lambda kv: kv[1])
+    chars = [c for c, _ in by_id]
+    if [i for _, i in by_id] != list(range(len(chars))) or chars != sorted(set(chars)):
+        return None
+    return chars if all(isinstance(c, str) and len(c) == 1 for c in chars) else None
+
+
 def _read_tokenizer(d: Path):
     if (d / "tokenizer.json").is_file():
-        return BPETokenizer.from_hf_json((d / "tokenizer.json").read_text(encoding="utf-8"))
+        tok_json = (d / "tokenizer.json").read_text(encoding="utf-8")
+        chars = _char_vocabulary(tok_json)
+        if chars:  # our character export: the same CharTokenizer as the checkpoint had
+            return CharTokenizer(chars)
+        return BPETokenizer.from_hf_json(tok_json)
     if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -133,8 +151,6 @@ def load_hf_dir(path: str | os.PathLike):
         raise UserError(f"{str(weights)!r} is not a readable safetensors file ({e})") from None
     # save_pretrained writes "transformer.h.0..."; OpenAI's original upload has "h.0..."
     tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
-    model = GPT(config)
-    state = model.state_dict()
     expected = {"wte.weight": "wte.weight", "wpe.weight": "wpe.weight"}
     expected |= {"ln_f.weight": "ln_f.weight", "ln_f.bias": "ln_f.bias"}
     if not config.tie_head:
@@ -162,6 +178,16 @@ def load_hf_dir(path: str | os.PathLike):
             f"{str(weights)!r} holds tensor(s) {', '.join(unknown[:5])} that no GPT-2 with "
             f"config.json's {config.n_layer} layers has: a mismatched directory"
         )
+    # the sizes config.json claims, against the tensors, before GPT() allocates for them
+    sizes = {k: tensors[v] for k, v in expected.items() if k in ("wte.weight", "wpe.weight")}
+    sizes |= {k: tensors[expected[k]] for k in ("lm_head.weight",) if k in expected}
+    sizes |= {
+        f"blocks.{i}.attn.c_attn.weight": tensors[f"h.{i}.attn.c_attn.weight"].t()
+        for i in range(config.n_layer)
+    }
+    check_weights_fit(config, sizes, where)
+    model = GPT(config)
+    state = model.state_dict()
     new_state = {}
     for ours, theirs in expected.items():
         t = tensors[theirs]
@@ -266,50 +292,80 @@ def hf_files(model: GPT, tokenizer) -> dict[str, bytes]:
         tok_json = tokenizer.to_hf_json()
     from tokenizers import Tokenizer
 
-    # GPT-2's end-of-text token where the vocabulary has one (else GPT2Config's default,
-    # 50256, would point outside a small vocabulary)
-    eos = Tokenizer.from_str(tok_json).token_to_id("<|endoftext|>")
+    # BOS/EOS: GPT-2's end-of-text token where the vocabulary has one, else the newline (our
+    # vocabularies reserve no special token): the token lm-evaluation-harness puts before a
+    # text with no context, the same one nanoforge's own adapter uses (nanoforge.harness)
+    eos = boundary_token(tokenizer)
     config["bos_token_id"] = config["eos_token_id"] = eos
+    eos_text = Tokenizer.from_str(tok_json).id_to_token(eos)
     tok_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "clean_up_tokenization_spaces": False,  # decode gives back the exact text
         "model_max_length": c.block_size,
+        "bos_token": eos_text,
+        "eos_token": eos_text,
     }
+    # GPT-2's learned positions end at n_positions: transformers' generate() cannot slide
+    # past them (nanoforge's sampler can), so its default length stops at the context
+    generation = {"bos_token_id": eos, "eos_token_id": None, "max_length": c.block_size}
     return {
         "config.json": json.dumps(config, indent=2).encode(),
+        "generation_config.json": json.dumps(generation, indent=2).encode(),
         "model.safetensors": save(out, metadata={"format": "pt"}),
         "tokenizer.json": tok_json.encode(),
         "tokenizer_config.json": json.dumps(tok_config, indent=2).encode(),
     }
 
 
+# every file an export writes: all that overwrite=true may replace in an existing folder
+EXPORT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
+
+
+def _inside_run_dir(out: Path) -> Path | None:
+    """The training run directory ``out`` is (or lies in), if any: one a training process
+    locked or recorded, or one holding checkpoints."""
+    from nanoforge.rundir import is_training_run
+
+    for folder in (out, *out.parents):
+        if folder.is_dir() and (
+            is_training_run(folder) or any((folder / "checkpoints").glob("*.ckpt"))
+        ):
+            return folder
+    return None
+
+
 def export_dir(model: GPT, tokenizer, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write the Hugging Face directory ``out`` atomically: every file goes into a temporary
-    directory beside it, which is renamed to ``out`` only once complete."""
+    """Write the Hugging Face directory ``out``. Each file is written to a temporary file
+    beside it and renamed into place once complete. ``overwrite`` replaces the export's own
+    files (``EXPORT_FILES``) in a folder that has them and leaves any other file alone; a
+    folder inside a training run directory is refused (an export would mix with its
+    checkpoints and events)."""
     out = Path(out).expanduser()
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
+    run = _inside_run_dir(out.resolve())
+    if run is not None:
+        raise UserError(
+            f"out={str(out)!r} is inside the training run directory {str(run)!r}: export "
+            "somewhere of its own, e.g. out=exported"
+        )
+    if out.exists() and not out.is_dir():
+        raise UserError(f"out={str(out)!r} is a file: pass a directory")
+    existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if existing and not overwrite:
         raise UserError(
             f"out={str(out)!r} exists and is not empty: choose another out= or pass "
-            "overwrite=true to replace it"
+            f"overwrite=true to replace the export's files in it ({', '.join(EXPORT_FILES)}; "
+            "other files stay)"
         )
     files = hf_files(model, tokenizer)  # raises before anything is written
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        for name, data in files.items():
-            with open(tmp / name, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        os.chmod(tmp, 0o755)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.{os.getpid()}.old"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    out.mkdir(parents=True, exist_ok=True)
+    from nanoforge.io import atomic_write_bytes
+
+    for name, data in files.items():
+        atomic_write_bytes(out / name, data)
     return out

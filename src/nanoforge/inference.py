@@ -15,11 +15,21 @@ from omegaconf import DictConfig
 from nanoforge import threads
 from nanoforge.checkpoint import load_model, recorded_data, resolve_checkpoint
 from nanoforge.errors import UserError
-from nanoforge.io import atomic_write_bytes
+from nanoforge.io import atomic_write_bytes, read_json
 from nanoforge.sampling import check_sampling_args
 
 # the keys of `data=...` that choose which text is scored (eval.py data=text data.path=FILE)
-DATA_SOURCE_KEYS = ("corpus", "path", "val_fraction", "cache_dir")
+DATA_SOURCE_KEYS = (
+    "corpus",
+    "path",
+    "val_fraction",
+    "cache_dir",
+    "text_field",
+    "max_chars",
+    "name",
+    "config",
+    "split",
+)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -113,10 +123,14 @@ def _sample(model, tok, prompt: str, idx, g, cfg: DictConfig, out) -> list[str]:
         generator=g,
         use_cache=cfg.use_cache,
     )
+    # <|endoftext|> ends a document: sampling stops there (stop_at_eot=false goes on)
+    eot = tok.eot_id if cfg.get("stop_at_eot", True) else None
     if cfg.num_samples == 1:  # stream token by token
         out.write(prompt)
         pieces, pending = [], []
         for nxt in steps:
+            if eot is not None and int(nxt[0]) == eot:
+                break
             pending.extend(nxt.tolist())
             piece = tok.decode(pending)
             if piece.endswith("\ufffd"):  # a BPE token cut a UTF-8 character: wait for the rest
@@ -130,7 +144,16 @@ def _sample(model, tok, prompt: str, idx, g, cfg: DictConfig, out) -> list[str]:
             out.write(pieces[-1])
         out.write("\n")
         return [prompt + "".join(pieces)]
-    ids = torch.stack(list(steps), dim=1).tolist()
+    rows, done = [], torch.zeros(cfg.num_samples, dtype=torch.bool)
+    for nxt in steps:
+        rows.append(nxt)
+        if eot is not None:
+            done |= nxt.cpu() == eot
+            if done.all():
+                break
+    ids = torch.stack(rows, dim=1).tolist()
+    if eot is not None:
+        ids = [row[: row.index(eot)] if eot in row else row for row in ids]
     texts = [prompt + tok.decode(row) for row in ids]
     for i, text in enumerate(texts):
         out.write(f"----- sample {i + 1}/{len(texts)} -----\n{text}\n")
@@ -179,10 +202,29 @@ def evaluate_ids(
     return {**result, "tokens": count}
 
 
-def evaluation_data(ckpt: dict, data_cfg: DictConfig | None, tokenizer, block_size: int):
+def _inside(path: str, folder: Path) -> bool:
+    try:
+        Path(path).expanduser().resolve().relative_to(folder.resolve())
+    except (ValueError, OSError, RuntimeError):
+        return False
+    return True
+
+
+def evaluation_data(
+    ckpt: dict,
+    data_cfg: DictConfig | None,
+    tokenizer,
+    block_size: int,
+    data_dir: str | Path = "data",
+):
     """The training run's DataModule, rebuilt from what the checkpoint recorded, encoding with
     the checkpoint's tokenizer. ``data_cfg`` (``eval.py data=...``) swaps in another text: its
-    corpus, path, val_fraction and cache_dir replace the recorded ones."""
+    corpus, path, val_fraction and cache_dir replace the recorded ones.
+
+    A checkpoint may come from anyone: what it records is a hint, never an instruction. Its
+    corpus path is read only inside this checkout's ``data_dir`` (another file needs the user's
+    own ``data.path=``), and token files go to this checkout's ``data_dir/cache`` (or the
+    user's ``data.cache_dir``), never to a folder the checkpoint names."""
     recorded = recorded_data(ckpt) or {}
     chosen = {k: data_cfg[k] for k in DATA_SOURCE_KEYS if data_cfg and k in data_cfg}
     if not recorded and not chosen:
@@ -190,21 +232,49 @@ def evaluation_data(ckpt: dict, data_cfg: DictConfig | None, tokenizer, block_si
             "the checkpoint does not say which corpus it was trained on: pass one, e.g. "
             "data=text data.path=FILE"
         )
+    data_dir = Path(data_dir)
+    path = recorded.get("path")
+    if "path" not in chosen and path and not _inside(str(path), data_dir):
+        corpus = recorded.get("corpus", "text")
+        raise UserError(
+            f"the checkpoint was trained on {path}, outside this checkout's data folder "
+            f"({data_dir}): a recorded path is not followed there. If that file is yours, pass "
+            f"it: data={corpus} data.path={path}"
+        )
     args = {**recorded, **chosen, "block_size": block_size}
+    args["cache_dir"] = chosen.get("cache_dir") or str(data_dir / "cache")
     from nanoforge.data import TextDataModule  # Lightning: only eval.py needs it, not generate.py
 
     return TextDataModule(**args, tokenizer=tokenizer)
 
 
+def eval_json_path(cfg: DictConfig, ckpt_path: Path) -> Path:
+    """Where eval.json goes: ``output=``, else the checkpoint's run directory (inside a
+    Hugging Face directory)."""
+    if cfg.get("output"):
+        return Path(cfg.output)
+    if ckpt_path.is_dir():  # a Hugging Face model directory: eval.json goes inside it
+        return ckpt_path / "eval.json"
+    if ckpt_path.parent.name == "checkpoints":
+        return ckpt_path.parent.parent / "eval.json"
+    return ckpt_path.parent / "eval.json"
+
+
 def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
-    """Score a checkpoint on the whole validation split of its corpus (or of ``data=...``)."""
+    """Score a checkpoint on the whole validation split of its corpus (or of ``data=...``),
+    or, with ``tasks=``, on lm-evaluation-harness tasks (nanoforge.harness)."""
     from nanoforge.threads import apply
 
     apply(cfg.get("threads"))
+    if cfg.get("tasks"):
+        from nanoforge.harness import evaluate_tasks  # lm-eval: an extra, imported only here
+
+        return evaluate_tasks(cfg, out)
     device = pick_device(cfg.device)
     ckpt_path = resolve_checkpoint(cfg.ckpt)
     model, tok, ckpt = load_model(ckpt_path, device)
-    data = evaluation_data(ckpt, cfg.get("data"), tok, model.config.block_size)
+    data_dir = (cfg.get("paths") or {}).get("data_dir") or "data"
+    data = evaluation_data(ckpt, cfg.get("data"), tok, model.config.block_size, data_dir)
     data.setup("validate")  # unseen characters: a clear UserError
     token_bytes = torch.from_numpy(tok.token_bytes())
     val = torch.from_numpy(np.asarray(data.val_ids, dtype=np.int64))
@@ -226,30 +296,10 @@ def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
         + f"val/bpb={result['bpb']:.4f} perplexity={result['perplexity']:.3f} "
         f"over {result['tokens']:,} tokens\n"
     )
-    if cfg.output:
-        target = Path(cfg.output)
-    elif ckpt_path.is_dir():  # a Hugging Face model directory: eval.json goes inside it
-        target = ckpt_path / "eval.json"
-    elif ckpt_path.parent.name == "checkpoints":
-        target = ckpt_path.parent.parent / "eval.json"
-    else:
-        target = ckpt_path.parent / "eval.json"
+    target = eval_json_path(cfg, ckpt_path)
+    previous = read_json(target)  # keep the harness scores an earlier tasks= run wrote
+    if isinstance(previous, dict) and isinstance(previous.get("tasks"), dict):
+        result["tasks"] = previous["tasks"]
     atomic_write_bytes(target, (json.dumps(result, indent=2) + "\n").encode())
     out.write(f"wrote {target}\n")
     return result
-
-
-# --------------------------------------------------------------------------- export
-def export(cfg: DictConfig, out=sys.stdout) -> Path:
-    """The checkpoint ``cfg.ckpt`` as a Hugging Face GPT-2 directory ``cfg.out``."""
-    from nanoforge.hf import export_dir
-
-    if not cfg.get("out"):
-        raise UserError("no output directory given: pass out=DIR (e.g. out=exported)")
-    model, tokenizer, _ = load_model(cfg.ckpt)
-    path = export_dir(model, tokenizer, cfg.out, overwrite=bool(cfg.get("overwrite", False)))
-    out.write(
-        f"exported to {path}: load it with transformers' AutoModelForCausalLM.from_pretrained"
-        f"({str(path)!r}) and AutoTokenizer.from_pretrained({str(path)!r})\n"
-    )
-    return path

@@ -34,6 +34,7 @@ import contextlib
 import importlib
 import json
 import logging
+import os
 import re
 import secrets
 import string
@@ -45,6 +46,7 @@ from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogg
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
+from nanoforge import overrides as ov
 from nanoforge.errors import UserError
 from nanoforge.io import atomic_write_bytes, read_json
 
@@ -58,14 +60,24 @@ def overrides(given: list[str] | None = None) -> list[str]:
     """The command-line overrides (``given``, or this run's from Hydra, the swept keys first
     in a sweep) minus the ones that say where or how a run is kept: what tells runs apart."""
     given = _hydra_overrides() if given is None else given
-    return [o for o in given if not _key(o).startswith(_NOT_IN_NAME)]
+    return [o for o in given if not ov.key(o).startswith(_NOT_IN_NAME)]
+
+
+# what a run name keeps: letters and digits (any script), and ``_.,=+-@[]{}()``; anything else
+# becomes ``_``: a path separator would nest the run a level down, and TensorBoard's logger
+# runs os.path.expandvars/expanduser on its folder (``$_``, ``$HOME``, ``~`` would move it)
+_UNSAFE = re.compile(r"[^\w.,=+\-@\[\]{}()]+")
 
 
 def run_name(given: list[str] | None = None, max_len: int = 120) -> str:
     """A readable TensorBoard run name from the command-line overrides (Hydra's, by default):
-    ``model=tiny,optim.lr=0.001``; ``default`` for a run with none."""
-    name = ",".join(overrides(given)) or "default"
-    name = re.sub(r"[/\\\s]+", "_", name)  # a path separator would nest the run a level down
+    ``model=tiny,optim.lr=0.001``; ``default`` for a run with none. Safe as a folder name for
+    any library: no ``$``, ``~``, path separator, ``..`` or leading dot."""
+    # Hydra escapes an interpolation in a sweep job's overrides (x=$\{paths.output_dir\}):
+    # the name shows it as written, without the `$` (x={paths.output_dir})
+    name = ",".join(re.sub(r"\\(?=\W)|\$", "", o) for o in overrides(given))
+    name = _UNSAFE.sub("_", name)
+    name = re.sub(r"\.{2,}", ".", name).lstrip(".") or "default"
     return name if len(name) <= max_len else name[: max_len - 1] + "…"
 
 
@@ -83,12 +95,8 @@ def _hydra_overrides() -> list[str]:
         return overrides
     varied = set(_swept_keys(Path(hc.sweep.dir) / "multirun.yaml", overrides))
     varied |= {str(k) for k in (hc.sweeper.get("params") or {})}  # Optuna's search space
-    first = [o for o in overrides if _key(o) in varied]
-    return first + [o for o in overrides if _key(o) not in varied]
-
-
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
+    first = [o for o in overrides if ov.key(o) in varied]
+    return first + [o for o in overrides if ov.key(o) not in varied]
 
 
 def _swept_keys(multirun_yaml: Path, job_overrides: list[str]) -> list[str]:
@@ -100,7 +108,7 @@ def _swept_keys(multirun_yaml: Path, job_overrides: list[str]) -> list[str]:
         sweep = [str(o) for o in OmegaConf.to_container(task)]  # as written, unresolved
     except Exception:  # no file (a launcher that writes none): no order to improve
         return []
-    return [_key(o) for o in sweep if o not in job_overrides]
+    return [ov.key(o) for o in sweep if o not in job_overrides]
 
 
 def run_hparams(given: list[str] | None = None) -> dict[str, bool | int | float | str]:
@@ -108,7 +116,7 @@ def run_hparams(given: list[str] | None = None) -> dict[str, bool | int | float 
     settings that tell runs apart; the whole config is in hparams.yaml and .hydra/."""
     columns: dict[str, bool | int | float | str] = {}
     for o in overrides(given):
-        key = _key(o)
+        key = ov.key(o)
         if "=" not in o:
             continue
         value = o.split("=", 1)[1]
@@ -149,6 +157,15 @@ class TensorBoard(TensorBoardLogger):
         kwargs["default_hp_metric"] = False  # no fake hp_metric scalar at step 0
         super().__init__(save_dir, name=name, version=version, **kwargs)
         self.metric_tags = tuple(metrics)
+
+    @property
+    def log_dir(self) -> str:
+        """``<save_dir>/<name>/<version>`` as given: Lightning's own runs os.path.expandvars
+        and expanduser on it, so a ``$NAME`` in the run directory (``hydra.run.dir=out/$X``,
+        quoted from the shell) would send the events to another folder."""
+        version = self.version if isinstance(self.version, str) else f"version_{self.version}"
+        parts = [self.root_dir, version, *([self.sub_dir] if isinstance(self.sub_dir, str) else [])]
+        return os.path.join(*parts)
 
     @rank_zero_only
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:

@@ -31,6 +31,16 @@ from torch.utils.checkpoint import checkpoint
 
 from nanoforge.errors import UserError
 
+# Sizes no real model reaches; a config beyond them (a crafted checkpoint or config.json) is
+# refused before anything is allocated: block_size=4e9 alone would ask for ~1 TB.
+SIZE_LIMITS = {
+    "vocab_size": 1 << 22,
+    "block_size": 1 << 20,
+    "n_layer": 1 << 10,
+    "n_head": 1 << 10,
+    "n_embd": 1 << 16,
+}
+
 
 @dataclass
 class GPTConfig:
@@ -89,6 +99,11 @@ class GPTConfig:
                 f"model.activation must be 'gelu', 'gelu_tanh' or 'relu2', got {self.activation!r}",
             ),
         ]
+        for key, limit in SIZE_LIMITS.items():
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"model.{key} must be a whole number, got {value!r}")
+            checks.append((value <= limit, f"model.{key}={value:,} is above the limit {limit:,}"))
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
@@ -103,6 +118,41 @@ class GPTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """The shapes of the tensors that fix a model's sizes (embeddings, the first block's
+    attention, the last block's index), to check weights against a config before building it."""
+    c = config
+    shapes = {"wte.weight": (c.vocab_size, c.n_embd)}
+    if c.position == "learned":
+        shapes["wpe.weight"] = (c.block_size, c.n_embd)
+    for i in range(c.n_layer):
+        shapes[f"blocks.{i}.attn.c_attn.weight"] = (3 * c.n_embd, c.n_embd)
+    if not c.tie_head:
+        shapes["lm_head.weight"] = (c.vocab_size, c.n_embd)
+    return shapes
+
+
+def check_weights_fit(config: GPTConfig, state: dict, where: str) -> None:
+    """Refuse, before the model is built, weights whose sizes disagree with ``config``: a
+    config is data from a file, and only the weights beside it show the real sizes (a few-kB
+    checkpoint claiming ``block_size=4e9`` must not make ``GPT`` allocate for it)."""
+    for name, shape in expected_shapes(config).items():
+        tensor = state.get(name)
+        if tensor is None:
+            raise UserError(f"{where}: the weights lack {name}, which its model config needs")
+        if tuple(tensor.shape) != shape:
+            raise UserError(
+                f"{where}: tensor {name} has shape {tuple(tensor.shape)}, but the model config "
+                f"stored with it implies {shape}: the config and the weights disagree"
+            )
+    extra = f"blocks.{config.n_layer}.attn.c_attn.weight"
+    if extra in state:
+        raise UserError(
+            f"{where}: the weights have more blocks than the model config's n_layer="
+            f"{config.n_layer}: the config and the weights disagree"
+        )
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -515,6 +565,19 @@ class GPT(nn.Module):
         ``last_only``: logits of the last position only, (B, 1, vocab): all that sampling
         needs, and the LM head is the largest matrix (a 50-token prompt at GPT-2 size would
         otherwise cost 50 x 39M multiply-adds for 49 rows of logits thrown away)."""
+        x = self.trunk(idx, cache)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    def trunk(self, idx: torch.Tensor, cache: KVCache | SlotKVCache | None = None) -> torch.Tensor:
+        """idx (B, T) -> the final normalised hidden states (B, T, n_embd): everything but
+        the LM head, so a caller that needs logits at a few positions only (the harness's
+        continuation tokens) runs the largest matrix on those rows alone."""
         T = idx.size(1)
         if isinstance(cache, SlotKVCache):  # one token per row, each at its slot's position
             return self._forward_slots(idx, cache)
@@ -536,17 +599,11 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, None, i, rope, use_reentrant=False)
             else:
                 x = block(x, cache, i, rope)
-        if last_only:
-            x = x[:, -1:]
-        logits = self.lm_head(self.ln_f(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        return self.ln_f(x)
 
-    def _forward_slots(self, idx: torch.Tensor, cache: SlotKVCache):
-        """``forward`` for a :class:`SlotKVCache`: idx (B, 1), row i at position
-        ``cache.positions[i]``; logits (B, 1, vocab). The cache's lengths advance."""
+    def _forward_slots(self, idx: torch.Tensor, cache: SlotKVCache) -> torch.Tensor:
+        """``trunk`` for a :class:`SlotKVCache`: idx (B, 1), row i at position
+        ``cache.positions[i]``; hidden states (B, 1, n_embd). The cache's lengths advance."""
         pos = cache.positions
         x = self.wte(idx)
         rope = None
@@ -557,7 +614,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i, rope)
         cache.advance()
-        return self.lm_head(self.ln_f(x)), None
+        return self.ln_f(x)
 
     @torch.inference_mode()  # no autograd bookkeeping at all: less work per token than no_grad
     def generate(

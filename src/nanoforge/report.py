@@ -27,6 +27,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from nanoforge import overrides as ov
 from nanoforge.errors import UserError
 from nanoforge.io import atomic_write_bytes, read_json
 
@@ -247,10 +248,7 @@ def to_csv(rows: list[JobRow], sweep_dir: Path) -> str:
 
 def swept_keys(rows: list[JobRow]) -> dict[str, list[str | None]]:
     """The keys whose value differs between jobs, each with every job's value (as written)."""
-    per_job = [
-        {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in r.overrides if "=" in o}
-        for r in rows
-    ]
+    per_job = [{ov.key(o): ov.value(o) for o in r.overrides if "=" in o} for r in rows]
     keys = list(dict.fromkeys(k for d in per_job for k in d))
     return {k: [d.get(k) for d in per_job] for k in keys if len({d.get(k) for d in per_job}) > 1}
 

@@ -15,20 +15,16 @@
 :class:`RunDirGuard` (a Hydra callback, ``configs/hydra/default.yaml``) does this for single
 runs before Hydra writes into the directory; ``claim`` is also called by every training job
 (sweep jobs included), where it only takes the lock if the callback has not.
-
-``python src/runs.py`` lists the runs under ``logs/``, newest first, with their status
-(finished, stopped, failed, or running: its lock is held) from what the directories hold.
+Finding and listing runs (``last``, ``python src/runs.py``) is :mod:`nanoforge.runs`.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import math
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +32,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from nanoforge.errors import UserError
-from nanoforge.hydra_setup import find_runs, launcher_rank
-from nanoforge.io import atomic_write_bytes, read_json
+from nanoforge.io import atomic_write_bytes
+from nanoforge.machine import launcher_rank
 
 LOCK_FILE = "run.lock"
 RECORD_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
@@ -216,7 +212,7 @@ class RunDirGuard(Callback):
             sys.exit(2)
 
 
-# --------------------------------------------------------------------------- finding runs
+# --------------------------------------------------------------------------- is it running?
 def is_running(run_dir: Path) -> bool:
     """True while a process holds the run's lock (it is training in it now)."""
     import fcntl
@@ -232,64 +228,3 @@ def is_running(run_dir: Path) -> bool:
     finally:
         os.close(fd)  # closing drops the shared lock we may have taken
     return False
-
-
-def run_status(run_dir: Path) -> tuple[str, dict]:
-    """(finished | stopped | failed | running, the run's metrics.json or {})."""
-    metrics = read_json(run_dir / "metrics.json") or {}
-    if is_running(run_dir):
-        return "running", metrics
-    if metrics:
-        return str(metrics.get("status", "finished")), metrics
-    # no summary: killed (kill -9, power loss) or crashed; with a checkpoint it can resume
-    return ("stopped" if (run_dir / "checkpoints" / "last.ckpt").is_file() else "failed"), {}
-
-
-def list_runs(log_dir: str | os.PathLike = "logs", limit: int = 20) -> str:
-    """A table of the runs under ``log_dir``, most recently started first."""
-    from omegaconf import OmegaConf
-
-    rows = []
-    for run in find_runs(log_dir)[:limit]:
-        status, metrics = run_status(run)
-        try:
-            recorded = OmegaConf.load(run / ".hydra" / "overrides.yaml")
-            overrides = " ".join(str(o) for o in OmegaConf.to_container(recorded))
-        except Exception:  # unreadable or half-written: the row still shows the run
-            overrides = ""
-        loss = metrics.get("val/loss")
-        started = time.strftime(
-            "%Y-%m-%d %H:%M", time.localtime((run / ".hydra" / "config.yaml").stat().st_mtime)
-        )
-        rows.append(
-            (
-                started,
-                status,
-                str(metrics.get("steps", "—")),
-                f"{loss:.4f}" if isinstance(loss, float) and math.isfinite(loss) else "—",
-                str(run),
-                overrides,
-            )
-        )
-    if not rows:
-        return f"no runs under {log_dir}/ (python src/train.py makes one)"
-    head = ("started", "status", "steps", "val/loss", "run", "overrides")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(r[:5], widths, strict=True)) + "  " + r[5]
-        for r in [head, *rows]
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python src/runs.py [LOG_DIR] [-n N]``: the runs and sweep jobs, newest first."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="runs.py", description="List training runs and sweep jobs, most recent first."
-    )
-    parser.add_argument("log_dir", nargs="?", default="logs", help="default: logs")
-    parser.add_argument("-n", type=int, default=20, help="how many (default 20)")
-    args = parser.parse_args(argv)
-    print(list_runs(args.log_dir, args.n))
-    return 0

@@ -60,10 +60,21 @@ def sample_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """logits: (B, vocab) -> (B,) token ids."""
+    """logits: (B, vocab) -> (B,) token ids. Non-finite logits are an error, not text: NaN
+    weights would otherwise decode greedily to a token (argmax of NaN) and print nonsense."""
+    if not bool(torch.isfinite(logits).all()):
+        raise UserError(
+            "the model's logits are not finite (NaN or inf): its weights are broken (a "
+            "diverged or corrupt checkpoint). Sample from an earlier checkpoint."
+        )
     if temperature == 0 or top_k == 1:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
+    if not bool(torch.isfinite(logits).all()):
+        raise UserError(
+            f"temperature={temperature} is so small that the logits overflow: use "
+            "temperature=0 for greedy decoding, or a temperature of 0.01 or more"
+        )
     if top_k is not None:
         logits = filter_top_k(logits, top_k)
     if top_p is not None:

@@ -3,22 +3,28 @@
 ``<cache_dir>/tokens-<kind>-<key>.bin`` holds every token of the corpus, training split
 first, in the narrowest dtype the vocabulary fits (uint8 / uint16 / uint32);
 ``tokens-<kind>-<key>.json`` beside it says what the file is: the tokenizer (its plain
-``state_dict``), the token counts, the split point, and the sha256 of the source. The key is
-a hash of the source's bytes, the tokenizer asked for and the split, so a changed corpus is
-prepared again. A header that does not parse or a ``.bin`` whose size disagrees with it is
-rebuilt, never trusted; both files are written atomically (header last), under a file lock,
-so concurrent processes (DDP ranks, sweep jobs) prepare once.
+``state_dict``), the token counts, the split point, the sha256 of the source, and the sha256
+of the ``.bin`` itself and of the header, written after the ``.bin``. The key is a hash of the
+source's bytes, the tokenizer asked for and the split, so a changed corpus is prepared again.
+A header that does not parse or fails its digest, a ``.bin`` whose size or digest disagrees
+with it (a token edited in place) is rebuilt, never trusted; both files are written atomically
+(header last), under a file lock, so concurrent processes (DDP ranks, sweep jobs) prepare once.
 
-Preparation streams: files are read in blocks and re-cut into chunks of about 8 MB at points
-where GPT-2's pre-tokenizer cuts too (a newline between two non-space characters), so
-encoding chunk by chunk gives the same tokens as encoding the whole text; chunks are encoded
-on every core. Passes: (1) count characters (and collect them, for ``char``), which fixes the
-split point; (2) for ``bpe``, learn the merges from the training split only; (3) encode.
+Documents: with a BPE vocabulary every document ends with ``<|endoftext|>`` (the tokenizer's
+``eot_id``), as GPT-2's own training data did, so windows see where a text stops; it stands
+for no bytes. Characters keep earlier versions' tokens: documents joined by a blank line.
+
+Preparation streams: documents are read piece by piece and re-cut into chunks at points where
+GPT-2's pre-tokenizer cuts too (a newline between two non-space characters), so encoding chunk
+by chunk gives the same tokens as encoding a whole document; chunks are encoded on every core.
+Passes: (1) count characters (and collect them, for ``char``), which fixes the split point;
+(2) for ``bpe``, learn the merges from the training split only; (3) encode.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -33,18 +39,30 @@ from pathlib import Path
 
 import numpy as np
 
-from nanoforge.corpora import Part, iter_bytes, iter_text
+from nanoforge.corpora import Corpus
 from nanoforge.errors import UserError
 from nanoforge.io import atomic_write, atomic_write_bytes
+from nanoforge.machine import cpu_cores
 from nanoforge.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, tokenizer_from_state
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
-CHUNK_CHARS = 8 << 20
-BPE_CHUNK_CHARS, BPE_BATCH = 1 << 16, 64  # BPE encodes 64 pieces of 64k characters at once
+FORMAT = 2  # 2: <|endoftext|> after each BPE document; digests of the .bin and the header
+BPE_CHUNK_CHARS = 1 << 16  # BPE encodes pieces of at most 64k characters ...
+BPE_BATCH_CHARS = 4 << 20  # ... about 4M characters of them at a time, on every core
+CHAR_SEPARATOR = "\n\n"  # between documents, for characters
 # after "<non-space>\n", before "<non-space>": GPT-2's pre-tokenizer splits here too
 _SAFE_CUT = re.compile(r"\S\n(?=\S)")
+
+
+class _End:
+    """The end of a document in a stream of text pieces (one instance: :data:`END`)."""
+
+    def __repr__(self) -> str:
+        return "END"
+
+
+END = _End()
 
 
 def narrowest_dtype(vocab_size: int) -> np.dtype:
@@ -54,24 +72,39 @@ def narrowest_dtype(vocab_size: int) -> np.dtype:
     raise ValueError(f"vocab_size {vocab_size} does not fit in 32 bits")
 
 
-def source_sha256(parts: list[Part]) -> str:
-    """The identity of a corpus: the sha256 of its UTF-8 bytes (read in blocks)."""
-    h = hashlib.sha256()
-    for block in iter_bytes(parts):
-        h.update(block)
-    return h.hexdigest()
+# --------------------------------------------------------------------------- the text stream
+def stream(corpus: Corpus, eot: bool) -> Iterator[str | _End]:
+    """The corpus's text as pieces; ``eot``: :data:`END` after each document, else a blank
+    line between documents (characters)."""
+    started = has_text = False
+    for text, end in corpus.pieces():
+        if not eot and started and text:
+            yield CHAR_SEPARATOR
+            started = False
+        if text:
+            has_text = True
+            yield text
+        if end and has_text:  # an empty document adds nothing
+            if eot:
+                yield END
+            else:
+                started = True
+            has_text = False
 
 
-def source_bytes(parts: list[Part]) -> int:
-    return sum(len(p.encode()) if isinstance(p, str) else p.stat().st_size for p in parts)
-
-
-def iter_chunks(pieces: Iterable[str], size: int = CHUNK_CHARS) -> Iterator[str]:
+def iter_chunks(pieces: Iterable[str | _End], size: int = BPE_CHUNK_CHARS) -> Iterator[str | _End]:
     """The text of ``pieces`` re-cut into chunks of about ``size`` characters, each cut where
-    the BPE pre-tokenizer would cut anyway (so chunk-wise encoding = whole-text encoding)."""
+    the BPE pre-tokenizer would cut anyway (so chunk-wise encoding = whole-text encoding); a
+    document's end flushes its text and passes on."""
     held: list[str] = []
     n = 0
     for piece in pieces:
+        if piece is END:
+            if n:
+                yield "".join(held)
+            held, n = [], 0
+            yield END
+            continue
         held.append(piece)
         n += len(piece)
         if n < size:
@@ -89,10 +122,14 @@ def iter_chunks(pieces: Iterable[str], size: int = CHUNK_CHARS) -> Iterator[str]
         yield "".join(held)
 
 
-def _split_at(chunks: Iterable[str], n_train_chars: int) -> Iterator[tuple[str, str]]:
-    """(split, text) pieces: the chunks, with the one holding the split point cut there."""
+def split_at(chunks: Iterable[str | _End], n_train_chars: int) -> Iterator[tuple[str, str | _End]]:
+    """(split, piece): the chunks, with the one holding the split point cut there; a
+    document's end goes with the text before it."""
     pos = 0
     for chunk in chunks:
+        if chunk is END:
+            yield ("train" if pos <= n_train_chars else "val"), END
+            continue
         end = pos + len(chunk)
         if end <= n_train_chars:
             yield "train", chunk
@@ -105,13 +142,14 @@ def _split_at(chunks: Iterable[str], n_train_chars: int) -> Iterator[tuple[str, 
         pos = end
 
 
-def _batched(items: Iterable, n: int) -> Iterator[list]:
-    batch = []
+def _batched(items: Iterable[tuple[str, str | _End]], chars: int) -> Iterator[list]:
+    batch, n = [], 0
     for item in items:
         batch.append(item)
-        if len(batch) == n:
+        n += 0 if item[1] is END else len(item[1])
+        if n >= chars:
             yield batch
-            batch = []
+            batch, n = [], 0
     if batch:
         yield batch
 
@@ -131,13 +169,6 @@ def _ordered_map(fn, items: Iterable, workers: int) -> Iterator:
             yield pending.popleft().result()
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def _bar(total: int, desc: str):
     from tqdm import tqdm
 
@@ -153,6 +184,7 @@ def _bar(total: int, desc: str):
     )
 
 
+# --------------------------------------------------------------------------- pass 1: scan
 @dataclass
 class Scan:
     n_chars: int
@@ -160,34 +192,38 @@ class Scan:
     chars: list[str]
 
 
-def scan(parts: list[Part], want_chars: bool) -> Scan:
+def scan(corpus: Corpus, want_chars: bool, eot: bool) -> Scan:
     """Pass 1: characters and bytes, and (``want_chars``) the sorted set of characters."""
     seen_ascii = np.zeros(128, dtype=bool)
     seen = set()
     n_chars = n_bytes = 0
     nonspace = False
-    bar = _bar(source_bytes(parts), "scan")
-    for piece in iter_text(parts):
+    bar = _bar(corpus.n_bytes(), "scan")
+    for piece in stream(corpus, eot):
+        if piece is END:
+            continue
         n_chars += len(piece)
         if piece.isascii():
-            b = piece.encode("ascii")
-            n_bytes += len(b)
+            n_bytes += len(piece)
             if want_chars:
-                seen_ascii |= np.bincount(np.frombuffer(b, np.uint8), minlength=128) > 0
+                b = np.frombuffer(piece.encode("ascii"), np.uint8)
+                seen_ascii |= np.bincount(b, minlength=128) > 0
         else:
-            cps = np.frombuffer(piece.encode("utf-32-le"), dtype=np.uint32)
             n_bytes += len(piece.encode("utf-8"))
             if want_chars:
-                seen.update(np.unique(cps).tolist())
+                seen.update(np.unique(np.frombuffer(piece.encode("utf-32-le"), np.uint32)).tolist())
         nonspace = nonspace or not piece.isspace()
         bar.update(len(piece))
     bar.close()
     if not nonspace:
-        raise UserError("the corpus holds no text (it is empty or blank). Use a non-empty corpus.")
+        raise UserError(
+            f"{corpus.name} holds no text (it is empty or blank). Use a non-empty corpus."
+        )
     codepoints = sorted(set(np.flatnonzero(seen_ascii).tolist()) | seen)
     return Scan(n_chars, n_bytes, [chr(c) for c in codepoints])
 
 
+# --------------------------------------------------------------------------- passes 2 and 3
 @dataclass
 class Shard:
     """A prepared corpus: the tokenizer, the training and validation tokens (memory-mapped
@@ -200,6 +236,121 @@ class Shard:
     path: Path | None = None
 
 
+def build_tokenizer(corpus: Corpus, kind: str, vocab_size, info: Scan, n_train: int):
+    """Pass 2: the tokenizer a corpus asks for (BPE merges from the training split only)."""
+    if kind == "char":
+        tokenizer = CharTokenizer(info.chars)
+        tokenizer.warn_if_large()
+        return tokenizer
+    pieces = iter_chunks(stream(corpus, eot=True), BPE_CHUNK_CHARS)
+    train_text = (t for split, t in split_at(pieces, n_train) if split == "train" and t is not END)
+    return BPETokenizer.train(train_text, vocab_size)
+
+
+def encode_stream(corpus: Corpus, tokenizer: Tokenizer, n_train: int, n_bytes: int):
+    """Pass 3: ``(split, ids)`` in corpus order, ``<|endoftext|>`` after each BPE document."""
+    dtype = narrowest_dtype(tokenizer.vocab_size)
+    eot = tokenizer.eot_id
+    cores = cpu_cores()
+    if isinstance(tokenizer, BPETokenizer):
+        pieces = iter_chunks(stream(corpus, eot=eot is not None), BPE_CHUNK_CHARS)
+        batches, workers = _batched(split_at(pieces, n_train), BPE_BATCH_CHARS), 2
+    else:  # characters need no cut points; NumPy releases the GIL, so threads share the work
+        batches = ([item] for item in split_at(stream(corpus, eot=False), n_train))
+        workers = cores
+    end_ids = np.array([eot if eot is not None else 0], dtype=dtype)
+
+    def encode(batch: list) -> list[tuple[str, np.ndarray, int]]:
+        texts = [t for _, t in batch if t is not END]
+        if isinstance(tokenizer, BPETokenizer):
+            encoded = iter(tokenizer.encode_batch(texts, cores))
+        else:
+            encoded = iter([tokenizer.encode(t) for t in texts])
+        return [
+            (split, end_ids, 0) if t is END else (split, next(encoded).astype(dtype), len(t))
+            for split, t in batch
+        ]
+
+    bar = _bar(n_bytes, "encode")
+    for batch in _ordered_map(encode, batches, workers):
+        for split, ids, n in batch:
+            bar.update(n)
+            yield split, ids
+    bar.close()
+
+
+def _header(corpus: Corpus, sha256: str, tokenizer: Tokenizer, info: Scan, val_fraction) -> dict:
+    return {
+        "format": FORMAT,
+        "source": corpus.name,
+        "source_sha256": sha256,
+        "tokenizer": tokenizer.state_dict(),
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+        "dtype": narrowest_dtype(tokenizer.vocab_size).name,
+        "val_fraction": val_fraction,
+        "n_chars": info.n_chars,
+        "n_train_chars": int(info.n_chars * (1 - val_fraction)),
+        "n_bytes": info.n_bytes,
+    }
+
+
+def _start(corpus, sha256, kind, vocab_size, val_fraction, tokenizer):
+    """Passes 1 and 2: the header so far, and the tokenizer."""
+    kind = tokenizer.kind if tokenizer is not None else kind
+    info = scan(corpus, want_chars=tokenizer is None and kind == "char", eot=kind == "bpe")
+    n_train = int(info.n_chars * (1 - val_fraction))
+    if tokenizer is None:
+        tokenizer = build_tokenizer(corpus, kind, vocab_size, info, n_train)
+    return _header(corpus, sha256, tokenizer, info, val_fraction), tokenizer
+
+
+def prepare_in_memory(
+    corpus: Corpus,
+    kind: str = "char",
+    vocab_size: int | None = None,
+    val_fraction: float = 0.1,
+    tokenizer: Tokenizer | None = None,
+) -> Shard:
+    """The corpus's tokens held in memory (``data.cache_dir=null``)."""
+    t0 = time.perf_counter()
+    header, tokenizer = _start(corpus, corpus.sha256(), kind, vocab_size, val_fraction, tokenizer)
+    arrays: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    for split, ids in encode_stream(corpus, tokenizer, header["n_train_chars"], header["n_bytes"]):
+        arrays[split].append(ids)
+    dtype = np.dtype(header["dtype"])
+    train, val = (np.concatenate([np.zeros(0, dtype), *arrays[s]]) for s in ("train", "val"))
+    header.update({"n_tokens": len(train) + len(val), "n_train": len(train)})
+    _log_done(header, t0)
+    return Shard(tokenizer, train, val, header)
+
+
+def write_shard(corpus, sha256, kind, vocab_size, val_fraction, bin_path, tokenizer=None) -> None:
+    """Encode the corpus into ``bin_path`` and then its JSON header (with both digests)."""
+    t0 = time.perf_counter()
+    header, tokenizer = _start(corpus, sha256, kind, vocab_size, val_fraction, tokenizer)
+    counts = {"train": 0, "val": 0}
+    digest = hashlib.sha256()
+
+    def write(f) -> None:
+        for split, ids in encode_stream(
+            corpus, tokenizer, header["n_train_chars"], header["n_bytes"]
+        ):
+            counts[split] += len(ids)
+            data = ids.tobytes()
+            digest.update(data)
+            f.write(data)
+
+    with _writing(bin_path):
+        atomic_write(bin_path, write)
+        header.update({"n_tokens": counts["train"] + counts["val"], "n_train": counts["train"]})
+        header["bin_sha256"] = digest.hexdigest()
+        header["header_sha256"] = _header_digest(header)
+        atomic_write_bytes(header_path(bin_path), (json.dumps(header, indent=1) + "\n").encode())
+    _log_done(header, t0)
+
+
+# --------------------------------------------------------------------------- the cache
 def _spec(kind: str, vocab_size: int | None, tokenizer: Tokenizer | None) -> dict:
     if tokenizer is not None:  # a given tokenizer (a checkpoint's): keyed by its contents
         state = json.dumps(tokenizer.state_dict(), sort_keys=True)
@@ -207,28 +358,46 @@ def _spec(kind: str, vocab_size: int | None, tokenizer: Tokenizer | None) -> dic
     return {"tokenizer": kind, "vocab_size": vocab_size if kind == "bpe" else None}
 
 
-def shard_paths(cache_dir, kind: str, sha256: str, spec: dict, val_fraction: float):
+def shard_path(cache_dir, kind: str, sha256: str, spec: dict, val_fraction: float) -> Path:
     key = json.dumps(
         {"format": FORMAT, "source": sha256, **spec, "split": val_fraction}, sort_keys=True
     )
-    name = f"tokens-{kind}-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
-    folder = Path(cache_dir)
-    return folder / f"{name}.bin", folder / f"{name}.json"
+    return Path(cache_dir) / f"tokens-{kind}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.bin"
 
 
-def read_shard(bin_path: Path, header_path: Path, sha256: str) -> Shard | None:
-    """The shard if its header parses, matches the source and its ``.bin`` has exactly the
-    size the header says; None otherwise (the caller rebuilds it)."""
+def header_path(bin_path: Path) -> Path:
+    return bin_path.with_suffix(".json")
+
+
+def _header_digest(header: dict) -> str:
+    body = {k: v for k, v in header.items() if k != "header_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def read_shard(bin_path: Path, sha256: str) -> Shard | None:
+    """The shard if its header parses, passes its digest, matches the source, and its
+    ``.bin`` has the size and sha256 the header says; None otherwise (the caller rebuilds)."""
     try:
-        header = json.loads(header_path.read_text(encoding="utf-8"))
+        header = json.loads(header_path(bin_path).read_text(encoding="utf-8"))
         dtype = np.dtype(header["dtype"])
         n_tokens, n_train = int(header["n_tokens"]), int(header["n_train"])
         if header["format"] != FORMAT or header["source_sha256"] != sha256:
             return None
+        if header.get("header_sha256") != _header_digest(header):
+            return None
         if not bin_path.is_file() or bin_path.stat().st_size != n_tokens * dtype.itemsize:
             return None
+        if _file_sha256(bin_path) != header["bin_sha256"]:
+            return None
         tokenizer = tokenizer_from_state(header["tokenizer"])
-    except (OSError, ValueError, KeyError, TypeError, UserError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError):
+        return None
+    if not 0 <= n_train <= n_tokens:
         return None
     train = np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_train,))
     val = np.memmap(
@@ -242,12 +411,40 @@ def read_shard(bin_path: Path, header_path: Path, sha256: str) -> Shard | None:
 
 
 @contextlib.contextmanager
+def _writing(bin_path: Path):
+    """A cache folder that cannot be written, a full disk, a file-size limit or Ctrl-C while
+    preparing: one line naming it (no token file is left: the writes are atomic)."""
+    folder = bin_path.parent
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise UserError(
+            f"interrupted while preparing {bin_path.name}: nothing was kept; run it again"
+        ) from None
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            why = "the disk is full"
+        elif e.errno == errno.EFBIG:
+            why = "the file size limit (ulimit -f) was reached"
+        elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
+            why = f"it cannot be written ({e.strerror})"
+        else:
+            raise
+        raise UserError(
+            f"the token file cannot be written in data.cache_dir {str(folder)!r}: {why}. Free "
+            "space, or pass another folder with data.cache_dir=DIR (data.cache_dir=null keeps "
+            "the tokens in memory); nothing was kept."
+        ) from None
+
+
+@contextlib.contextmanager
 def _locked(path: Path):
     """Hold an exclusive lock on ``path`` (one process prepares; the others wait, then read)."""
     import fcntl
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    with _writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -256,135 +453,41 @@ def _locked(path: Path):
 
 
 def load_or_prepare(
-    parts: list[Part],
+    corpus: Corpus,
     kind: str = "char",
     vocab_size: int | None = None,
     val_fraction: float = 0.1,
     cache_dir: str | os.PathLike | None = None,
     tokenizer: Tokenizer | None = None,
-    source: str = "",
-    chunk_chars: int = CHUNK_CHARS,
 ) -> Shard:
     """The corpus's shard: read from ``cache_dir`` if a sound one is there, else prepared (and
     written there; with no ``cache_dir``, held in memory)."""
-    kind = tokenizer.kind if tokenizer is not None else kind
-    sha256 = source_sha256(parts)
     if cache_dir is None:
-        return prepare(
-            parts, sha256, kind, vocab_size, val_fraction, None, tokenizer, source, chunk_chars
-        )
+        return prepare_in_memory(corpus, kind, vocab_size, val_fraction, tokenizer)
+    kind = tokenizer.kind if tokenizer is not None else kind
+    sha256 = corpus.sha256()
+    source_key = json.dumps({"sha256": sha256, **corpus.key()}, sort_keys=True)
+    source_key = hashlib.sha256(source_key.encode()).hexdigest() if corpus.key() else sha256
     if tokenizer is not None:  # the file a run with this tokenizer made from this corpus
         own = _spec(kind, tokenizer.vocab_size, None)
-        shard = read_shard(*shard_paths(cache_dir, kind, sha256, own, val_fraction), sha256)
+        shard = read_shard(shard_path(cache_dir, kind, source_key, own, val_fraction), sha256)
         if shard is not None and shard.tokenizer == tokenizer:
             return shard
-    spec = _spec(kind, vocab_size, tokenizer)
-    bin_path, header_path = shard_paths(cache_dir, kind, sha256, spec, val_fraction)
-    shard = read_shard(bin_path, header_path, sha256)
+    bin_path = shard_path(
+        cache_dir, kind, source_key, _spec(kind, vocab_size, tokenizer), val_fraction
+    )
+    shard = read_shard(bin_path, sha256)
     if shard is not None:
         return shard
     with _locked(bin_path.with_suffix(".lock")):
-        shard = read_shard(bin_path, header_path, sha256)  # another process made it meanwhile
+        shard = read_shard(bin_path, sha256)  # another process made it meanwhile
         if shard is None:
-            header_path.unlink(missing_ok=True)  # damaged or stale: rebuilt, never trusted
-            prepare(
-                parts,
-                sha256,
-                kind,
-                vocab_size,
-                val_fraction,
-                bin_path,
-                tokenizer,
-                source,
-                chunk_chars,
-            )
-            shard = read_shard(bin_path, header_path, sha256)
+            header_path(bin_path).unlink(missing_ok=True)  # damaged or stale: never trusted
+            write_shard(corpus, sha256, kind, vocab_size, val_fraction, bin_path, tokenizer)
+            shard = read_shard(bin_path, sha256)
     if shard is None:
         raise UserError(f"the token file {bin_path} could not be read back after writing it")
     return shard
-
-
-def prepare(
-    parts: list[Part],
-    sha256: str,
-    kind: str,
-    vocab_size: int | None,
-    val_fraction: float,
-    bin_path: Path | None,
-    tokenizer: Tokenizer | None = None,
-    source: str = "",
-    chunk_chars: int = CHUNK_CHARS,
-) -> Shard | None:
-    """Encode the corpus (the three passes of the module docstring) into ``bin_path`` + its
-    JSON header, or into memory when ``bin_path`` is None."""
-    t0 = time.perf_counter()
-    info = scan(parts, want_chars=tokenizer is None and kind == "char")
-    n_train_chars = int(info.n_chars * (1 - val_fraction))
-    if tokenizer is None and kind == "char":
-        tokenizer = CharTokenizer(info.chars)
-    elif tokenizer is None:  # BPE merges from the training split only
-        pieces = iter_chunks(iter_text(parts), min(chunk_chars, BPE_CHUNK_CHARS))
-        train_text = (text for split, text in _split_at(pieces, n_train_chars) if split == "train")
-        tokenizer = BPETokenizer.train(train_text, vocab_size)
-    dtype = narrowest_dtype(tokenizer.vocab_size)
-    counts = {"train": 0, "val": 0}
-    if isinstance(tokenizer, BPETokenizer):
-        # small pieces, many at a time: the Rust side spreads a batch over every core
-        texts = iter_chunks(iter_text(parts), min(chunk_chars, BPE_CHUNK_CHARS))
-        batches = _batched(_split_at(texts, n_train_chars), BPE_BATCH)
-        workers = 1
-    else:  # characters need no cut points; NumPy releases the GIL, so threads share the work
-        batches = _batched(_split_at(iter_text(parts), n_train_chars), 1)
-        workers = _cores()
-
-    def encode(batch: list[tuple[str, str]]) -> list[tuple[str, np.ndarray, int]]:
-        if isinstance(tokenizer, BPETokenizer):
-            ids = tokenizer.encode_batch([text for _, text in batch])
-        else:
-            ids = [tokenizer.encode(text) for _, text in batch]
-        return [(split, i.astype(dtype), len(t)) for (split, t), i in zip(batch, ids, strict=True)]
-
-    def pieces() -> Iterator[tuple[str, np.ndarray]]:
-        bar = _bar(info.n_bytes, "encode")
-        for batch in _ordered_map(encode, batches, workers):
-            for split, ids, n in batch:
-                counts[split] += len(ids)
-                bar.update(n)
-                yield split, ids
-        bar.close()
-
-    header = {
-        "format": FORMAT,
-        "source": source,
-        "source_sha256": sha256,
-        "tokenizer": tokenizer.state_dict(),
-        "vocab_size": tokenizer.vocab_size,
-        "dtype": dtype.name,
-        "val_fraction": val_fraction,
-        "n_chars": info.n_chars,
-        "n_train_chars": n_train_chars,
-        "n_bytes": info.n_bytes,
-    }
-    if bin_path is None:
-        arrays = {"train": [], "val": []}
-        for split, ids in pieces():
-            arrays[split].append(ids)
-        train, val = (np.concatenate([np.zeros(0, dtype), *arrays[s]]) for s in ("train", "val"))
-        header.update({"n_tokens": len(train) + len(val), "n_train": len(train)})
-        _log_done(header, t0)
-        return Shard(tokenizer, train, val, header)
-
-    def write(f) -> None:
-        for _, ids in pieces():
-            f.write(ids.tobytes())
-
-    atomic_write(bin_path, write)
-    header.update({"n_tokens": counts["train"] + counts["val"], "n_train": counts["train"]})
-    atomic_write_bytes(
-        bin_path.with_suffix(".json"), (json.dumps(header, indent=1) + "\n").encode()
-    )
-    _log_done(header, t0)
-    return None  # the caller reads it back through read_shard
 
 
 def _log_done(header: dict, t0: float) -> None:

@@ -38,8 +38,8 @@ from omegaconf import DictConfig, open_dict, read_write
 
 from nanoforge import hydra_setup
 from nanoforge.errors import UserError
-from nanoforge.hydra_setup import cpu_cores, gpu_count, launcher_rank
 from nanoforge.io import atomic_write_bytes
+from nanoforge.machine import cpu_cores, gpu_count, launcher_rank
 from nanoforge.report import STATUS_FILE, STUDY_FILE, write_report
 
 log = logging.getLogger(__name__)

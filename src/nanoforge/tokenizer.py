@@ -7,11 +7,14 @@ Two tokenizers behind one interface (``encode(text) -> np.ndarray``, ``decode(id
   of characters of the corpus, so it is identical in every process and on every machine (a
   plain ``set`` iterates in an order that changes with string hashing). Encoding is one
   vectorised NumPy pass over the text, not a Python loop over its characters.
-- :class:`BPETokenizer` (``tokenizer=bpe``): a byte-level BPE, trained and run by Hugging
-  Face ``tokenizers`` (Rust, multi-threaded). Byte-level means any UTF-8 text encodes, with
-  no unknown token; the JSON it saves is the ``tokenizers`` format, GPT-2's own
-  ``tokenizer.json`` included. The few lines that show what it does are in
-  :mod:`nanoforge.bpe` (a plain-Python trainer, for reading).
+- :class:`BPETokenizer` (``tokenizer=bpe``): a byte-level BPE with GPT-2's pre-tokenizer,
+  learned by ``rustbpe`` and run by ``tiktoken`` (both Rust, on every core; the fastest pair
+  measured, bench/RESULTS.md). Byte-level means any UTF-8 text encodes, with no unknown token.
+  Its last id is ``<|endoftext|>`` (:attr:`eot_id`), the token that ends every document. It is
+  kept as the Hugging Face ``tokenizers`` JSON (GPT-2's own ``tokenizer.json`` loads too; such
+  a foreign vocabulary is run by ``tokenizers`` itself). The few lines that show what BPE does
+  are in :mod:`nanoforge.bpe` (a plain-Python trainer, for reading, tested to learn the same
+  merges).
 
 A tokenizer travels inside checkpoints as the plain dict of ``state_dict()`` (so checkpoints
 load with ``torch.load(weights_only=True)``); :func:`tokenizer_from_state` turns it back.
@@ -20,12 +23,22 @@ load with ``torch.load(weights_only=True)``); :func:`tokenizer_from_state` turns
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Sequence
+from functools import cached_property
 from typing import Protocol
 
 import numpy as np
 
 from nanoforge.errors import UserError
+
+log = logging.getLogger(__name__)
+
+EOT = "<|endoftext|>"
+# GPT-2's pre-tokenizer (the `tokenizers` ByteLevel regex), for rustbpe and tiktoken
+GPT2_PATTERN = r"""'(?:s|t|re|ve|m|ll|d)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# above this many characters, a character vocabulary is mostly rare symbols: BPE fits better
+CHAR_VOCAB_WARN = 300
 
 
 class Tokenizer(Protocol):
@@ -35,6 +48,9 @@ class Tokenizer(Protocol):
 
     @property
     def vocab_size(self) -> int: ...
+
+    @property
+    def eot_id(self) -> int | None: ...
 
     def encode(self, text: str) -> np.ndarray: ...
 
@@ -77,6 +93,19 @@ class CharTokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self.chars)
+
+    eot_id = None  # characters keep their documents apart with blank lines
+
+    def warn_if_large(self) -> None:
+        """Say once when the vocabulary is mostly rare symbols (emoji, box drawing ...): every
+        one costs an embedding row and a softmax column, for a few occurrences."""
+        if self.vocab_size > CHAR_VOCAB_WARN:
+            log.warning(
+                f"the corpus has {self.vocab_size:,} distinct characters, so tokenizer=char "
+                f"builds a {self.vocab_size:,}-symbol vocabulary (training slows, rare symbols "
+                "are barely learned): tokenizer=bpe tokenizer.vocab_size=4096 fits such text "
+                "better"
+            )
 
     def unknown_chars(self, text: str) -> list[str]:
         """The characters of ``text`` the vocabulary lacks, sorted."""
@@ -135,52 +164,108 @@ class CharTokenizer:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
 
 
-class BPETokenizer:
-    """A byte-level BPE (GPT-2's scheme) run by Hugging Face ``tokenizers``.
+def byte_symbols() -> list[str]:
+    """GPT-2's printable stand-in for each byte (``tokenizers``' ByteLevel alphabet): printable
+    Latin-1 bytes stand for themselves, the others map to code points from 256 up."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    keep += range(ord("®"), ord("ÿ") + 1)
+    symbols, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            symbols[b] = chr(b)
+        else:
+            symbols[b] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in range(256)]
 
-    Text is split by GPT-2's pre-tokenizer regex, each piece's UTF-8 bytes are mapped to 256
-    printable symbols, and learned merges join frequent neighbours. Every byte is in the
-    vocabulary, so no text is unknown. ``to_hf_json()`` / ``from_hf_json()`` read and write the
-    ``tokenizers`` JSON format (GPT-2's ``tokenizer.json`` loads through ``from_hf_json``).
+
+def merge_pairs(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merge that made each token (in rank order), recovered from the ranks alone: BPE
+    on the token's bytes with only earlier tokens allowed stops at exactly two parts."""
+    pairs = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) < 2:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            scored = [(ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1)]
+            best, i = min(scored)
+            if best >= rank:
+                break
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) != 2:
+            raise ValueError(f"token {token!r} is not the merge of two earlier tokens")
+        pairs.append((parts[0], parts[1]))
+    return pairs
+
+
+class BPETokenizer:
+    """A byte-level BPE (GPT-2's scheme): learned by ``rustbpe``, run by ``tiktoken``.
+
+    Text is split by GPT-2's pre-tokenizer regex, each piece's UTF-8 bytes start as the 256
+    byte tokens, and learned merges join frequent neighbours. Every byte is in the vocabulary,
+    so no text is unknown. The tokenizer is kept as ``tokenizers`` JSON (``to_hf_json()``,
+    ``from_hf_json()``, GPT-2's ``tokenizer.json`` included); ``fast`` (a vocabulary learned
+    here) encodes with ``tiktoken``, which gives the same ids for it, many times faster; a
+    foreign vocabulary is run by ``tokenizers``.
     """
 
     kind = "bpe"
 
-    def __init__(self, hf_tokenizer):
+    def __init__(self, hf_tokenizer, fast: bool = False):
         self._tok = hf_tokenizer
+        self.fast = fast
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
-        """Learn merges from ``texts`` (pass the *training split only*) up to ``vocab_size``
-        tokens (256 byte tokens + ``vocab_size - 256`` merges)."""
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        """Learn merges from ``texts`` (pass the *training split only*): ``vocab_size`` tokens
+        are the 256 bytes, ``vocab_size - 257`` merges and ``<|endoftext|>`` (the last id).
+        A corpus too small for that many merges gives fewer (said in a warning)."""
+        import rustbpe
 
         vocab_size = int(vocab_size)
-        if vocab_size < 257:
+        if vocab_size < 258:
             raise UserError(
                 f"tokenizer.vocab_size={vocab_size} is too small for a byte-level BPE: it needs "
-                "the 256 byte tokens plus at least one merge. Use e.g. tokenizer.vocab_size=4096."
+                "the 256 byte tokens, at least one merge and <|endoftext|>. Use e.g. "
+                "tokenizer.vocab_size=4096."
             )
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            min_frequency=2,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            special_tokens=[],
-            show_progress=False,
-        )
-        tok.train_from_iterator(texts, trainer)
-        return cls(tok)
+        trainer = rustbpe.Tokenizer()
+        trainer.train_from_iterator(iter(texts), vocab_size - 1, pattern=GPT2_PATTERN)
+        tok = cls.from_ranks({bytes(t): r for t, r in trainer.get_mergeable_ranks()})
+        if tok.vocab_size < vocab_size:
+            log.warning(
+                f"tokenizer.vocab_size={vocab_size:,} asks for more merges than the training "
+                f"text holds: the vocabulary came out as {tok.vocab_size:,} tokens (the model "
+                "is sized to it)"
+            )
+        return tok
 
     @classmethod
-    def from_hf_json(cls, json_str: str) -> BPETokenizer:
+    def from_ranks(cls, ranks: dict[bytes, int]) -> BPETokenizer:
+        """From token bytes -> rank (id), in learned order; ``<|endoftext|>`` comes last."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        symbols = byte_symbols()
+
+        def text(b: bytes) -> str:
+            return "".join(symbols[x] for x in b)
+
+        vocab = {text(t): r for t, r in ranks.items()}
+        merges = [(text(a), text(b)) for a, b in merge_pairs(ranks)]
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([EOT])
+        return cls(tok, fast=True)
+
+    @classmethod
+    def from_hf_json(cls, json_str: str, fast: bool = False) -> BPETokenizer:
         """From a ``tokenizers`` JSON string (e.g. the contents of GPT-2's tokenizer.json)."""
         from tokenizers import Tokenizer
 
         try:
-            return cls(Tokenizer.from_str(json_str))
+            return cls(Tokenizer.from_str(json_str), fast=fast)
         except Exception as e:  # the Rust side raises plain Exceptions
             raise UserError(
                 f"the BPE tokenizer JSON cannot be read ({str(e).splitlines()[0]}): pass the "
@@ -190,51 +275,86 @@ class BPETokenizer:
     def to_hf_json(self) -> str:
         return self._tok.to_str()
 
+    @cached_property
+    def _tiktoken(self):
+        import tiktoken
+
+        back = {s: b for b, s in enumerate(byte_symbols())}
+        vocab = self._tok.get_vocab(with_added_tokens=False)
+        ranks = {bytes(back[c] for c in token): i for token, i in vocab.items()}
+        special = {EOT: self.eot_id} if self.eot_id is not None else {}
+        return tiktoken.Encoding(
+            "nanoforge-bpe", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=special
+        )
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eot_id(self) -> int | None:
+        """The id of ``<|endoftext|>`` (GPT-2's 50256), or None when the vocabulary lacks it."""
+        return self._tok.token_to_id(EOT)
 
     def unknown_chars(self, text: str) -> list[str]:
         """Byte-level: every character encodes."""
         return []
 
     def encode(self, text: str) -> np.ndarray:
-        """Text -> array of token ids (int64)."""
+        """Text -> array of token ids (int64); ``<|endoftext|>`` in the text is plain text."""
         if not text:
             return np.zeros(0, dtype=np.int64)
-        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+        try:
+            if self.fast:
+                ids = self._tiktoken.encode_ordinary(text)
+            else:
+                ids = self._tok.encode(text, add_special_tokens=False).ids
+        except Exception as e:  # a foreign (not byte-level) vocabulary that cannot spell it
+            raise UserError(
+                f"the text cannot be written in this tokenizer's vocabulary ({e}): use text "
+                "the model's tokenizer can encode"
+            ) from None
+        return np.asarray(ids, dtype=np.int64)
 
-    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        """Many texts at once, in parallel threads (the Rust side releases the GIL)."""
+    def encode_batch(self, texts: list[str], threads: int = 1) -> list[np.ndarray]:
+        """Many texts at once, on ``threads`` threads (the Rust side releases the GIL)."""
+        if self.fast:
+            ids = self._tiktoken.encode_ordinary_batch(texts, num_threads=max(1, threads))
+            return [np.asarray(i, dtype=np.int64) for i in ids]
         encs = self._tok.encode_batch(texts, add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int64) for e in encs]
 
     def token_bytes(self) -> np.ndarray:
         """UTF-8 bytes of each token (for bits per byte). In a byte-level vocabulary each
-        character of a token's string stands for one byte."""
-        from tokenizers import pre_tokenizers
-
-        alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+        character of a token's string stands for one byte; ``<|endoftext|>`` and other added
+        tokens stand for no text: 0 bytes, so bits per byte stays exact."""
+        alphabet = set(byte_symbols())
+        added = set(self._tok.get_added_tokens_decoder())
         out = np.zeros(self.vocab_size, dtype=np.int64)
         for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+            if i in added:
+                continue
             if set(token) <= alphabet:
                 out[i] = len(token)
-            else:  # an added token (e.g. <|endoftext|>) or a foreign vocabulary
+            else:  # a foreign vocabulary
                 out[i] = len(self._tok.decode([i], skip_special_tokens=False).encode("utf-8"))
         return out
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Token ids -> text (a cut inside a multi-byte character shows as U+FFFD)."""
+        if self.fast:
+            return self._tiktoken.decode([int(i) for i in ids])
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def state_dict(self) -> dict:
-        return {"kind": "bpe", "tokenizer_json": self.to_hf_json()}
+        state = {"kind": "bpe", "tokenizer_json": self.to_hf_json()}
+        return {**state, "encoder": "tiktoken"} if self.fast else state
 
     @classmethod
     def from_state_dict(cls, state: dict) -> BPETokenizer:
         if state.get("kind") != "bpe" or not isinstance(state.get("tokenizer_json"), str):
             raise UserError("the checkpoint's tokenizer is not a nanoforge BPETokenizer")
-        return cls.from_hf_json(state["tokenizer_json"])
+        return cls.from_hf_json(state["tokenizer_json"], fast=state.get("encoder") == "tiktoken")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, BPETokenizer):
@@ -249,6 +369,21 @@ class BPETokenizer:
 
 
 TOKENIZER_KINDS = ("char", "bpe")
+
+
+def boundary_token(tokenizer) -> int:
+    """The token that marks where a text begins or ends: ``<|endoftext|>`` where the
+    vocabulary has it (GPT-2's), else the newline (character and nanoforge's BPE vocabularies
+    reserve no special token), else id 0. lm-evaluation-harness puts it before a text scored
+    with no context; an export declares it as BOS/EOS so both score alike."""
+    for text in ("<|endoftext|>", "\n"):
+        try:
+            ids = tokenizer.encode(text)
+        except UserError:  # a character vocabulary without that character
+            continue
+        if len(ids) == 1:
+            return int(ids[0])
+    return 0
 
 
 def tokenizer_from_state(state: dict) -> CharTokenizer | BPETokenizer:

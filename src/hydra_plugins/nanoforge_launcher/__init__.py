@@ -16,7 +16,7 @@ class SlurmLauncher(_SubmititSlurmLauncher):
     def launch(self, job_overrides, initial_job_idx):
         from submitit.core.utils import FailedJobError
 
-        from nanoforge.hydra_setup import fail
+        from nanoforge.errors import fail
 
         use_squeue_without_accounting()
         try:

@@ -1,0 +1,105 @@
+"""Downstream task scores during training (nanoforge.downstream): ``callbacks=downstream``
+logs ``eval/<task>/<metric>`` to TensorBoard and metrics.json, and a sweep ranks by it."""
+
+import json
+import os
+
+import pytest
+
+from nanoforge.errors import UserError
+from tests.conftest import make_text, run_entry, tb_dir
+from tests.harness_tasks import TEXT, write_tasks
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+pytest.importorskip("lm_eval")
+
+
+@pytest.fixture(scope="module")
+def tasks_path(tmp_path_factory):
+    return write_tasks(tmp_path_factory.mktemp("tasks"))
+
+
+def test_scores_are_logged_to_tensorboard_and_metrics_json(cfg_factory, tasks_path, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from nanoforge.training import build
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_text(6_000) + TEXT, encoding="utf-8")
+    cfg = cfg_factory(
+        "data=text",
+        f"data.path={corpus}",
+        "data.val_batches=1",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "callbacks.text_samples.max_new_tokens=0",
+        "logger=tensorboard",
+        "callbacks=downstream",
+        "callbacks.downstream.tasks=[tiny_mc]",
+        f"callbacks.downstream.tasks_path={tasks_path}",
+        "callbacks.downstream.limit=3",
+        "callbacks.downstream.every=2",
+    )
+    datamodule, module, trainer = build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics["eval/tiny_mc/acc_norm"] <= 1.0 and "eval/tiny_mc/acc" in metrics
+    # scored at the 2nd validation (every=2) only: step 4, not step 2
+    assert [h["step"] for h in metrics["history"] if "eval/tiny_mc/acc" in h] == [4]
+    events = EventAccumulator(str(tb_dir(run)))
+    events.Reload()
+    (point,) = events.Scalars("eval/tiny_mc/acc_norm")
+    assert point.step == 4 and point.value == pytest.approx(metrics["eval/tiny_mc/acc_norm"])
+
+
+def test_a_bad_setting_stops_before_training(tasks_path):
+    from nanoforge.downstream import DownstreamEval
+
+    with pytest.raises(UserError, match="every must be"):
+        DownstreamEval(tasks=["tiny_mc"], tasks_path=str(tasks_path), every=0)
+    with pytest.raises(UserError, match="holds no task YAML"):
+        DownstreamEval(tasks=["tiny_mc"], tasks_path=str(tasks_path / "cache"))
+
+
+@pytest.mark.slow
+def test_a_sweep_ranks_jobs_by_a_downstream_score(tmp_path, tasks_path):
+    from omegaconf import OmegaConf
+
+    from nanoforge import report
+
+    (tmp_path / "corpus.txt").write_text(make_text(6_000) + TEXT, encoding="utf-8")
+    r = run_entry(
+        "train.py",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.direction=maximize",
+        "hydra.sweeper.storage=null",
+        "optim.lr=choice(0.001,0.01)",
+        "optimized_metric=eval/tiny_mc/acc_norm",
+        "model=tiny",
+        "data=text",
+        "data.path=corpus.txt",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        "data.val_batches=1",
+        "logger=none",
+        "callbacks.text_samples.max_new_tokens=0",
+        "callbacks=downstream",
+        "callbacks.downstream.tasks=[tiny_mc]",
+        f"callbacks.downstream.tasks_path={tasks_path}",
+        "callbacks.downstream.limit=4",
+        cwd=tmp_path,
+        timeout=300,
+        env={"HF_DATASETS_OFFLINE": "1"},
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    (sweep,) = sorted((tmp_path / "logs" / "train" / "multiruns").glob("*"))
+    values = []
+    for job in ("0", "1"):
+        metrics = json.loads((sweep / job / "metrics.json").read_text())
+        status = json.loads((sweep / job / report.STATUS_FILE).read_text())
+        assert status == {"status": "ok", "value": metrics["eval/tiny_mc/acc_norm"]}
+        values.append(status["value"])
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert best.best_value == max(values)
