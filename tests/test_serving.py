@@ -23,12 +23,12 @@ def tiny_model(position: str = "learned", dtype: torch.dtype | None = None) -> G
     return GPT(config).eval().prepare_decoding(dtype)
 
 
-def alone(model: GPT, prompt: str, p: SamplingParams) -> str:
+def alone(model: GPT, prompt: str, p: SamplingParams, tok=TOK) -> str:
     """What ``GPT.generate`` (generate.py's sampler) gives this request by itself."""
     g = torch.Generator().manual_seed(p.seed)
-    idx = torch.as_tensor(TOK.encode(prompt))[None]
+    idx = torch.as_tensor(tok.encode(prompt))[None]
     steps = model.generate(idx, p.max_tokens, p.temperature, p.top_k, p.top_p, generator=g)
-    return TOK.decode(torch.stack(list(steps), 1)[0].tolist())
+    return tok.decode(torch.stack(list(steps), 1)[0].tolist())
 
 
 def mixed_params(n: int, max_tokens: int = 50) -> list[SamplingParams]:
@@ -107,6 +107,34 @@ def test_stop_string_ends_the_text_before_it_and_is_never_streamed(one_thread):
         engine.step()
     assert req.text == cut and req.finish_reason == "stop"
     assert "".join(pieces) == cut and ends[-1] == "stop" and ends.count("stop") == 1
+
+
+def test_end_of_text_stops_a_stream_and_is_not_in_its_text(one_thread):
+    model = tiny_model()
+    p = SamplingParams(max_tokens=40, temperature=0, seed=0)
+    (full,) = Engine(model, TOK, slots=1).run([TOK.encode("ROMEO:").tolist()], [p])
+    engine = Engine(model, TOK, slots=1)
+    engine.eot = full.tokens[7]  # as if the model had learned to end its document there
+    (req,) = engine.run([TOK.encode("ROMEO:").tolist()], [p])
+    cut = full.tokens.index(engine.eot)
+    assert req.finish_reason == "stop" and req.text == TOK.decode(full.tokens[:cut])
+
+
+def test_bpe_streams_equal_each_stream_alone(one_thread):
+    from nanoforge.tokenizer import BPETokenizer
+    from tests.conftest import make_text
+
+    bpe = BPETokenizer.train([make_text(5_000)], 300)
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=bpe.vocab_size, block_size=32, n_layer=2, n_head=4, n_embd=64)
+    model = GPT(config).eval().prepare_decoding()
+    prompts = ["ROMEO: the king", "é ü", "JULIET:\nmy lord"]  # é: bytes a token may cut
+    params = mixed_params(3, max_tokens=40)
+    expected = [alone(model, q, sp, bpe) for q, sp in zip(prompts, params, strict=True)]
+    engine = Engine(model, bpe, slots=3)
+    engine.eot = None  # an untrained model may pick <|endoftext|>; alone() goes on too
+    reqs = engine.run([bpe.encode(q).tolist() for q in prompts], params)
+    assert [r.text for r in reqs] == expected
 
 
 def test_cancel_frees_the_slot_at_the_next_step(one_thread):

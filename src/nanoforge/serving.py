@@ -138,6 +138,8 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.steps = 0  # decoding steps run (with at least one stream)
         self.error: BaseException | None = None
+        # <|endoftext|> ends a document: a stream stops there, as generate.py's does
+        self.eot: int | None = getattr(tokenizer, "eot_id", None)
         exact_rows(model, slots)
 
     # ------------------------------------------------------------------ the public side
@@ -282,6 +284,10 @@ class Engine:
 
     def _append(self, req: Request, token: int) -> None:
         req.tokens.append(token)
+        if token == self.eot:
+            req.text += self.tokenizer.decode(req._pending) if req._pending else ""
+            self._finish(req, "stop")
+            return
         req._pending.append(token)
         piece = self.tokenizer.decode(req._pending)
         reason = "length" if len(req.tokens) >= req.params.max_tokens else None
