@@ -141,6 +141,10 @@ def test_seeded_sampling_repeats_and_n_gives_distinct_choices(client):
     assert len({c.text for c in several}) > 1
     both = client.completions.create(model=NAME, prompt=["ab", "cd"], max_tokens=3)
     assert len(both.choices) == 2
+    ids = TOK.encode("ab").tolist()  # token ids are a prompt too
+    greedy = dict(model=NAME, max_tokens=5, temperature=0)
+    by_ids = client.completions.create(prompt=ids, **greedy).choices[0].text
+    assert by_ids == client.completions.create(prompt="ab", **greedy).choices[0].text
 
 
 def test_chat_completions_streamed_and_not(client):
@@ -169,6 +173,7 @@ def test_chat_completions_streamed_and_not(client):
         ({"top_p": 2}, "top_p"),
         ({"n": 9}, "n must be"),
         ({"logprobs": 3}, "not supported"),
+        ({"prompt": [1, 999]}, "token ids"),
     ],
 )
 def test_a_bad_request_is_400_in_openai_shape_and_the_next_is_answered(client, fields, words):
