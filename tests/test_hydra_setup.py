@@ -221,6 +221,7 @@ def help_text(entry: str, monkeypatch, capsys) -> str:
     [
         ("export", []),
         ("generate", []),
+        ("serve", []),
         ("eval", ["data"]),
         ("prepare", ["data", "tokenizer"]),
         # train reads them all (and experiment=, from experiments/)

@@ -303,3 +303,21 @@ def test_sigterm_ends_streams_and_exits_0(ckpt, tmp_path):
         assert proc.wait(10) == 0 and time.monotonic() - started < 8
     finally:
         proc.kill()
+
+
+@pytest.mark.slow
+def test_serve_py_port_in_use_and_missing_checkpoint_are_one_line_exit_2(ckpt, tmp_path):
+    from tests.conftest import run_entry
+
+    # not an empty folder: hydra_setup.run removes an empty run directory after a user error,
+    # and serve.py's run directory is the current one
+    (tmp_path / "keep").write_text("")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        taken = run_entry("serve.py", f"ckpt={ckpt}", f"port={port}", cwd=tmp_path)
+    missing = run_entry("serve.py", f"ckpt={tmp_path / 'nope'}", cwd=tmp_path)
+    for result, words in ((taken, f"127.0.0.1:{port}"), (missing, "does not exist")):
+        assert result.returncode == 2 and result.stdout == ""
+        assert result.stderr.count("\n") == 1 and words in result.stderr
