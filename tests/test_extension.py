@@ -19,7 +19,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nanoforge.callbacks import drop_samples_after, end_of_run
+from nanoforge.callbacks import drop_samples_after
+from nanoforge.console import end_of_run
 from nanoforge.extension import (
     BEST_AT_COOLDOWN,
     COOLDOWN_CKPT,

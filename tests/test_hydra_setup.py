@@ -191,11 +191,11 @@ def test_every_entry_point_settles_its_imports(script, tiny_run, tmp_path):
             f"hydra.run.dir={tmp_path / 'run'}",
         ],
         "generate.py": [f"ckpt={tiny_run}", "max_new_tokens=1"],
-        "eval.py": [
+        "eval.py": [  # the corpus lies outside the data folder: named, as a user would
             f"ckpt={tiny_run}",
-            f"output={tmp_path / 'eval.json'}",
-            "data=text",  # a recorded path outside the checkout's data/ is not followed
+            "data=text",
             f"data.path={corpus}",
+            f"output={tmp_path / 'eval.json'}",
         ],
     }[script]
     code = _REPORT_AT_EXIT + entry_point_code(script, *args)
@@ -226,6 +226,7 @@ def help_text(entry: str, monkeypatch, capsys) -> str:
     [
         ("export", []),
         ("generate", []),
+        ("serve", []),
         ("eval", ["data"]),
         ("prepare", ["data", "tokenizer"]),
         # train reads them all (and experiment=, from experiments/)

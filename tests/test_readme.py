@@ -271,7 +271,7 @@ def console_pattern(line: str) -> re.Pattern:
 
 
 def test_console_pattern_allows_other_numbers_not_other_words():
-    p = console_pattern("run finished: 2,000 steps in 1 min 37 s, 16,891 tokens/s")
+    p = console_pattern("run finished: 2,000 steps in 1m37s, 16,891 tokens/s")
     assert p.match("run finished: 2 steps in 3.1 s, 512 tokens/s")
     assert not p.match("run finished: 2 steps in 3.1 s, 512 words/s")
 

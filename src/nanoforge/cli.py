@@ -169,18 +169,14 @@ def _compose(config_name: str, words: list[str]) -> DictConfig:
         fail(f"{key} is not a config key: {hint}(to add a new key: +{bad.lstrip('+~')})")
 
 
-ENTRY_POINTS = ("train", "generate", "eval", "export", "prepare")
+ENTRY_POINTS = ("train", "generate", "eval", "export", "prepare", "serve")
 # a key of another entry point, given to this one: what this one takes instead
 _INSTEAD = {
-    ("init_from", "generate"): "ckpt",
-    ("init_from", "eval"): "ckpt",
-    ("init_from", "export"): "ckpt",
-    ("resume", "generate"): "ckpt",
-    ("resume", "eval"): "ckpt",
-    ("resume", "export"): "ckpt",
-    ("ckpt_path", "generate"): "ckpt",
-    ("ckpt_path", "eval"): "ckpt",
-    ("ckpt_path", "export"): "ckpt",
+    **{
+        (key, entry): "ckpt"
+        for key in ("init_from", "resume", "ckpt_path")
+        for entry in ("generate", "eval", "export", "serve")
+    },
     ("ckpt", "train"): "init_from (a new run from its weights) or resume (continue that run)",
 }
 
@@ -237,7 +233,7 @@ def expand_resume(argv: list[str]) -> list[str]:
     run, same samples.txt, same metrics.json. ``resume=last`` is the most recent run under
     ``logs/`` that has a ``last.ckpt``.
     """
-    from nanoforge.runs import latest_run, say_last
+    from nanoforge.runs import RESUME_OVERRIDES, latest_run, say_last
 
     resume = [a for a in argv[1:] if a.startswith("resume=")]
     if not resume:
@@ -263,7 +259,7 @@ def expand_resume(argv: list[str]) -> list[str]:
         )
     new = [a for a in argv[1:] if not a.startswith("resume=")]
     new_keys = {ov.key(a) for a in new if "=" in a}
-    dropped = {"ckpt_path", "hydra.run.dir", "overwrite", "init_from"}
+    dropped = {*RESUME_OVERRIDES, "overwrite", "init_from"}
     # as written: an override like +x=${paths.output_dir} is replayed, not resolved here
     recorded = _recorded(overrides_file)
     replay = [o for o in recorded if ov.key(o) not in new_keys | dropped]

@@ -104,3 +104,12 @@ def read_json(path: str | os.PathLike) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def shown(path: str | os.PathLike) -> str:
+    """``path`` relative to the working directory when it lies below it (shorter to copy)."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
