@@ -54,7 +54,7 @@ def server(ckpt):
     """serve.py's server on a free port, in a thread; yields the Server (its ``url`` set)."""
     from nanoforge.serving_app import build
 
-    cfg = compose([f"ckpt={ckpt}", "limits.max_tokens=200"], config_name="serve")
+    cfg = compose([f"ckpt={ckpt}", "limits.max_tokens=5000"], config_name="serve")
     srv = build(cfg)
     srv.engine.start()
     port = free_port()
@@ -165,7 +165,7 @@ def test_chat_completions_streamed_and_not(client):
     [
         ({"model": "gpt-4"}, "unknown model"),
         ({"max_tokens": -1}, "max_tokens"),
-        ({"max_tokens": 201}, "max_tokens"),
+        ({"max_tokens": 5001}, "max_tokens"),
         ({"prompt": "ROMEO: ¿qué?"}, "never saw"),
         ({"prompt": ""}, "empty"),
         ({"temperature": "hot"}, "temperature"),
@@ -195,7 +195,7 @@ def test_invalid_json_is_400(server):
 
 
 def test_a_client_that_disconnects_frees_its_slot(server):
-    body = {"model": NAME, "prompt": "ab", "max_tokens": 200, "stream": True}
+    body = {"model": NAME, "prompt": "ab", "max_tokens": 5000, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=5) as r:
         next(r.iter_lines())  # the stream has started
         assert server.engine.load == 1

@@ -187,10 +187,10 @@ class Server:
             if p.seed is not None and body.n > 1:  # n samples of one prompt: n seeds
                 p = SamplingParams(**{**p.__dict__, "seed": p.seed + index % body.n})
 
-            def on_event(piece, reason, index=index):
-                loop.call_soon_threadsafe(queue.put_nowait, (index, piece, reason))
+            def on_event(piece, reason, index=index):  # in the loop (the engine hands over)
+                queue.put_nowait((index, piece, reason))
 
-            reqs.append(self.engine.submit(ids, p, on_event))
+            reqs.append(self.engine.submit(ids, p, on_event, loop))
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         return reqs, queue, rid
 
