@@ -124,11 +124,9 @@ def test_eight_concurrent_streams_each_get_their_text_alone(server, client):
         )
         return "".join(c.choices[0].text for c in s)
 
-    steps = server.engine.steps
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(8) as pool:  # (that they share steps: tests/test_serving.py)
         together = list(pool.map(stream, prompts))
     assert together == alone
-    assert server.engine.steps - steps < 8 * 40  # they shared forward passes
 
 
 def test_seeded_sampling_repeats_and_n_gives_distinct_choices(client):
@@ -194,12 +192,13 @@ def test_invalid_json_is_400(server):
     assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
 
 
-def test_a_client_that_disconnects_frees_its_slot(server):
-    body = {"model": NAME, "prompt": "ab", "max_tokens": 5000, "stream": True}
+def test_a_client_that_disconnects_frees_its_slot(server, monkeypatch):
+    monkeypatch.setattr(server.limits, "max_tokens", 10**6)  # a stream that cannot end first
+    body = {"model": NAME, "prompt": "ab", "max_tokens": 10**6, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=5) as r:
         next(r.iter_lines())  # the stream has started
         assert server.engine.load == 1
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + 5
     while server.engine.load and time.monotonic() < deadline:
         time.sleep(0.01)
     assert server.engine.load == 0
