@@ -320,3 +320,14 @@ def test_serve_py_port_in_use_and_missing_checkpoint_are_one_line_exit_2(ckpt, t
     for result, words in ((taken, f"127.0.0.1:{port}"), (missing, "does not exist")):
         assert result.returncode == 2 and result.stdout == ""
         assert result.stderr.count("\n") == 1 and words in result.stderr
+
+
+def test_a_decoding_bug_is_a_500_and_the_engine_goes_on(server, client, monkeypatch):
+    def boom(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(server.engine, "_sample_rows", boom)
+    with pytest.raises(openai.InternalServerError, match="boom"):
+        client.completions.create(model=NAME, prompt="ab", max_tokens=3)
+    monkeypatch.undo()
+    assert client.completions.create(model=NAME, prompt="ab", max_tokens=3).choices[0].text

@@ -278,6 +278,9 @@ async def _respond(server: Server, prompts: list, body: _Body, chat: bool):
             for r in reqs:
                 if not r.done.is_set():  # the client went away: free the slots
                     server.engine.cancel(r)
+        failed = [r.finish_reason for r in reqs if (r.finish_reason or "").startswith("error")]
+        if failed:  # a bug in the engine, not the request: 500, and the engine goes on
+            raise ApiError(f"decoding failed ({failed[0]})", status=500, kind="server_error")
         if chat:
             choices = [
                 {
