@@ -14,7 +14,7 @@ from omegaconf import OmegaConf, read_write
 
 from nanoforge import hydra_setup
 from nanoforge.errors import UserError
-from tests.conftest import CONFIGS, SRC, compose, entry_point_code, run_entry, run_python
+from tests.helpers import CONFIGS, SRC, compose, entry_point_code, run_entry, run_python
 
 
 # --------------------------------------------------------------------------- run()

@@ -8,7 +8,7 @@ anywhere makes the sort fail and names the modules on it.
 import ast
 import graphlib
 
-from tests.conftest import SRC, entry_point_code, run_python
+from tests.helpers import SRC, entry_point_code, run_python
 
 PACKAGE = SRC / "nanoforge"
 

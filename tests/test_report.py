@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from nanoforge import report
-from tests.conftest import read_csv
+from tests.helpers import read_csv
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

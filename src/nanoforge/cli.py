@@ -64,7 +64,8 @@ def check_command_line(argv: list[str], config_name: str) -> list[str]:
     words = [a for a in args if not a.startswith("-")]
     if not words:  # nothing to check: Hydra composes the defaults itself
         return argv
-    parsed = [_parse(word) for word in words]
+    sweep = any(f in ("-m", "--multirun") for f in flags) or "hydra.mode=MULTIRUN" in words
+    parsed = [_parse(word, sweep) for word in words]
     words = [word for _, word in parsed]
     overrides = [override for override, _ in parsed]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -80,18 +81,19 @@ def check_command_line(argv: list[str], config_name: str) -> list[str]:
     return [argv[0], *flags, *words]
 
 
-def _quoted(word: str) -> str | None:
+def _quoted(word: str, sweep: bool = False) -> str | None:
     """``key=value`` with the value quoted for Hydra's grammar, which reads only ASCII (and
-    none of ``()[]{},='"``) unquoted: ``prompt=“Ω”`` becomes ``prompt="“Ω”"``. None when the
-    value holds both kinds of quote."""
+    none of ``()[]{},='"``) unquoted: ``prompt=“Ω”`` becomes ``prompt="“Ω”"``. In a sweep
+    (``-m``), each comma-separated value is quoted on its own, so the commas still sweep:
+    ``tag=x,Ω`` becomes ``tag="x","Ω"``. None when a value holds both kinds of quote."""
     key, _, value = word.partition("=")
-    for quote in ('"', "'"):
-        if quote not in value:
-            return f"{key}={quote}{value}{quote}"
-    return None
+    split = sweep and not set(value) & set("[]{}()")  # a list or a function is one value
+    values = value.split(",") if split else [value]
+    quoted = [next((f"{q}{v}{q}" for q in ('"', "'") if q not in v), None) for v in values]
+    return None if None in quoted else f"{key}={','.join(quoted)}"
 
 
-def _parse(word: str):
+def _parse(word: str, sweep: bool = False):
     """(Hydra's parsed override, the word as Hydra should get it), or exit 2."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -102,14 +104,18 @@ def _parse(word: str):
     try:
         return parser.parse_override(word), word
     except HydraException:  # OverrideParseException, or the lexer's token error
-        quoted = _quoted(word)
-    try:  # a pasted value (curly quotes, em-dash, Ω) works as the string it is
-        return parser.parse_override(quoted or ""), quoted
-    except HydraException:
-        fail(
-            f"{word}: Hydra cannot read this value; quote it for Hydra inside shell quotes, "
-            f"e.g. '{ov.key(word)}=\"...\"' (a value with both kinds of quote needs \\' escapes)"
-        )
+        pass
+    # a pasted value (curly quotes, em-dash, Ω) works as the string it is; in a sweep, as the
+    # values its commas separate (then, should that not parse, as one string)
+    for quoted in dict.fromkeys([_quoted(word, sweep), _quoted(word)]):
+        try:
+            return parser.parse_override(quoted or ""), quoted
+        except HydraException:
+            continue
+    fail(
+        f"{word}: Hydra cannot read this value; quote it for Hydra inside shell quotes, "
+        f"e.g. '{ov.key(word)}=\"...\"' (a value with both kinds of quote needs \\' escapes)"
+    )
 
 
 def _check_choices(loader, override, word: str) -> str | None:

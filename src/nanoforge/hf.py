@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from nanoforge.errors import UserError
-from nanoforge.model import GPT, GPTConfig, check_weights_fit
+from nanoforge.model import GPT, GPTConfig
 from nanoforge.tokenizer import BPETokenizer, CharTokenizer, boundary_token
 
 # GPT-2's activation names in config.json -> ours
@@ -131,8 +131,9 @@ def load_hf_dir(path: str | os.PathLike):
     tensors = _read_tensors(weights)
     expected, transposed = _tensor_names(config)
     _check_names(tensors, expected, config, weights)
+    state = _our_state(config, tensors, expected, transposed, weights)
     model = GPT(config)
-    model.load_state_dict(_our_state(model, tensors, expected, transposed, weights))
+    model.load_state_dict(state)
     if tokenizer.vocab_size > config.vocab_size:
         raise UserError(
             f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but config.json's "
@@ -198,8 +199,7 @@ def _tensor_names(config: GPTConfig) -> tuple[dict[str, str], set[str]]:
 
 
 def _check_names(tensors: dict, expected: dict[str, str], config: GPTConfig, weights: Path):
-    """Every tensor config.json implies is there, no tensor is left over, and the sizes
-    config.json claims match the tensors (checked before anything is allocated for them)."""
+    """Every tensor config.json implies is there and no tensor is left over."""
     missing = sorted(theirs for theirs in expected.values() if theirs not in tensors)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -218,19 +218,13 @@ def _check_names(tensors: dict, expected: dict[str, str], config: GPTConfig, wei
             f"config.json's {config.n_layer} layers has: a mismatched directory"
         )
 
-    # the sizes config.json claims, against the tensors, before GPT() allocates for them
-    sizes = {k: tensors[v] for k, v in expected.items() if k in ("wte.weight", "wpe.weight")}
-    sizes |= {k: tensors[expected[k]] for k in ("lm_head.weight",) if k in expected}
-    sizes |= {
-        f"blocks.{i}.attn.c_attn.weight": tensors[f"h.{i}.attn.c_attn.weight"].t()
-        for i in range(config.n_layer)
-    }
-    check_weights_fit(config, sizes, repr(str(weights.parent)))
 
-
-def _our_state(model: GPT, tensors: dict, expected: dict, transposed: set, weights: Path) -> dict:
-    """GPT-2's tensors under our names, transposed where GPT-2 used Conv1D, shapes checked."""
-    state = model.state_dict()
+def _our_state(config: GPTConfig, tensors: dict, expected: dict, transposed: set, weights: Path):
+    """GPT-2's tensors under our names, transposed where GPT-2 used Conv1D; every shape is
+    checked against the one config.json implies before anything is allocated for it."""
+    # the shapes config.json implies, from a model on the meta device (no memory)
+    with torch.device("meta"):
+        state = GPT(config).state_dict()
     new_state = {}
     for ours, theirs in expected.items():
         t = tensors[theirs]
@@ -243,7 +237,7 @@ def _our_state(model: GPT, tensors: dict, expected: dict, transposed: set, weigh
                 f"config.json implies {implied}"
             )
         new_state[ours] = t.to(torch.float32)
-    if model.config.tie_head:
+    if config.tie_head:
         new_state["lm_head.weight"] = new_state["wte.weight"]
     return new_state
 
@@ -325,8 +319,8 @@ def hf_files(model: GPT, tokenizer) -> dict[str, bytes]:
         tok_json = tokenizer.to_hf_json()
     from tokenizers import Tokenizer
 
-    # BOS/EOS: GPT-2's end-of-text token where the vocabulary has one, else the newline (our
-    # vocabularies reserve no special token): the token lm-evaluation-harness puts before a
+    # BOS/EOS: <|endoftext|> where the vocabulary has it, else the newline (a character
+    # vocabulary reserves no special token): the token lm-evaluation-harness puts before a
     # text with no context, the same one nanoforge's own adapter uses (nanoforge.harness)
     eos = boundary_token(tokenizer)
     config["bos_token_id"] = config["eos_token_id"] = eos
