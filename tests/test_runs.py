@@ -53,6 +53,8 @@ def test_runs_are_listed_newest_first_with_status_loss_and_overrides(tmp_path):
     assert lines[2].split()[3] == "failed" and "multiruns/sweep/0" in lines[2]
     assert lines[3].split()[2:6] == ["—", "finished", "50", "2.5000"]
     assert "no runs under" in runs.list_runs(tmp_path / "empty")
+    (tmp_path / "train" / "runs" / "new" / "metrics.json").write_text("[1, 2]")  # JSON, no object
+    assert runs.list_runs(tmp_path).splitlines()[1].split()[3] == "stopped"  # has last.ckpt
 
 
 def test_a_resumed_run_shows_its_start_and_its_last_resume_without_internal_overrides(tmp_path):
