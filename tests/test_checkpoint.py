@@ -30,7 +30,7 @@ from nanoforge.checkpoint import (
 )
 from nanoforge.checkpoint_writer import AtomicCheckpointIO
 from nanoforge.errors import UserError
-from tests.conftest import SRC
+from tests.helpers import SRC
 
 
 # --------------------------------------------------------------------------- finding one
@@ -261,10 +261,18 @@ def test_sizes_a_checkpoint_claims_are_checked_before_anything_is_allocated(tmp_
     def never(*args, **kwargs):
         raise AssertionError("the model was built from an unchecked config")
 
-    monkeypatch.setattr(checkpoint, "GPT", never)
+    from nanoforge.model import GPT, GPTConfig
+
     small = {"vocab_size": 4, "n_layer": 1, "n_head": 1, "n_embd": 8}
-    state = {"model.wte.weight": torch.zeros(4, 8), "model.wpe.weight": torch.zeros(16, 8)}
-    state["model.blocks.0.attn.c_attn.weight"] = torch.zeros(24, 8)
+    weights = GPT(GPTConfig(**small, block_size=16)).state_dict()
+    state = {f"model.{k}": v for k, v in weights.items()}
+    real = checkpoint.GPT
+    # only a model on the meta device (no memory) may be built before the sizes are checked
+    monkeypatch.setattr(
+        checkpoint,
+        "GPT",
+        lambda config: real(config) if torch.empty(0).is_meta else never(),
+    )
     huge = _crafted(tmp_path, {**small, "block_size": 4_000_000_000}, state)
     assert huge.stat().st_size < 10_000
     with pytest.raises(UserError, match="block_size=4,000,000,000 is above the limit"):
@@ -274,7 +282,7 @@ def test_sizes_a_checkpoint_claims_are_checked_before_anything_is_allocated(tmp_
     with pytest.raises(UserError, match=r"wpe.weight has shape \(16, 8\).*disagree"):
         load_model(claims)
     deeper = _crafted(tmp_path, {**small, "block_size": 16, "n_layer": 2}, state)
-    with pytest.raises(UserError, match="lack blocks.1.attn.c_attn.weight"):
+    with pytest.raises(UserError, match="lack blocks.1.ln_1.weight"):
         load_model(deeper)
 
 

@@ -103,8 +103,7 @@ def test_eval_py_tasks_agree_with_the_hf_backend(exported, tasks_path, tmp_path)
     from lm_eval import simple_evaluate
     from omegaconf import OmegaConf
 
-    from nanoforge.harness import task_manager
-    from nanoforge.inference import evaluate
+    from nanoforge.harness import evaluate_tasks, task_manager
 
     ckpt, hf_dir = exported
     cfg = OmegaConf.create(
@@ -120,7 +119,7 @@ def test_eval_py_tasks_agree_with_the_hf_backend(exported, tasks_path, tmp_path)
         }
     )
     printed = io.StringIO()
-    ours = evaluate(cfg, printed)
+    ours = evaluate_tasks(cfg, printed)
     assert "tiny_mc" in printed.getvalue() and "acc_norm" in printed.getvalue()
     assert json.loads((tmp_path / "eval.json").read_text())["tasks"]["tiny_mc"]["acc,none"] >= 0
     assert len((tmp_path / "samples_tiny_mc.jsonl").read_text().splitlines()) == len(MC)
@@ -174,7 +173,7 @@ def test_without_the_harness_tasks_names_the_extra(monkeypatch):
 def test_tasks_typed_with_a_comma_become_a_list():
     import importlib.util
 
-    from tests.conftest import SRC
+    from tests.helpers import SRC
 
     spec = importlib.util.spec_from_file_location("eval_entry", SRC / "eval.py")
     entry = importlib.util.module_from_spec(spec)

@@ -147,7 +147,7 @@ def test_a_bpe_run_saves_its_tokenizer_as_plain_data_and_learns_from_train_only(
     weights_only=True and rebuilds the same BPE tokenizer."""
     from nanoforge.checkpoint import load_model
     from nanoforge.tokenizer import BPETokenizer
-    from tests.conftest import make_text
+    from tests.helpers import make_text
 
     # the last 10% (validation) is one word never seen in training, repeated
     train_text = make_text(18_000, seed=5)
@@ -182,7 +182,7 @@ def test_exact_resume_with_a_bpe_tokenizer_on_jsonl_documents(tmp_path, one_thre
 
     import numpy as np
 
-    from tests.conftest import compose_run, make_text
+    from tests.helpers import compose_run, make_text
 
     corpus = tmp_path / "docs.jsonl"
     docs = [make_text(1000, seed=i) for i in range(20)]

@@ -13,13 +13,16 @@ imported; ``python src/eval.py ckpt=RUN tasks=...`` imports it for you):
   context (the harness's windowing), for perplexity tasks.
 - ``generate_until``: our KV-cached sampler, stopped at the first stop string.
 
-A text with no context is scored after the *prefix token*: ``<|endoftext|>`` where the
-vocabulary has it, else the newline (character and our BPE vocabularies have no special
-tokens); ``export.py`` declares the same token as BOS/EOS, so the ``hf`` backend on an export
+A text with no context is scored after the *boundary token*
+(``nanoforge.tokenizer.boundary_token``): ``<|endoftext|>`` where the vocabulary has it
+(GPT-2's, every BPE learned here), else the newline (a character vocabulary has no special
+token); ``export.py`` declares the same token as BOS/EOS, so the ``hf`` backend on an export
 scores identically.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -252,7 +255,7 @@ def task_manager(names: list[str], tasks_path: str | None):
     return manager
 
 
-def evaluate_tasks(cfg, out) -> dict:
+def evaluate_tasks(cfg, out=sys.stdout) -> dict:
     """``eval.py ckpt=RUN tasks=...``: the harness's tasks on a checkpoint; a table on the
     console and the harness's metrics under ``tasks`` in eval.json."""
     import json
@@ -263,7 +266,9 @@ def evaluate_tasks(cfg, out) -> dict:
 
     from nanoforge.checkpoint import eval_json_path, resolve_checkpoint
     from nanoforge.io import atomic_write_bytes, read_json
+    from nanoforge.threads import apply
 
+    apply(cfg.get("threads"))
     names = task_names(cfg.tasks)
     limit = cfg.get("limit")
     if limit is not None and not (isinstance(limit, int | float) and limit > 0):
@@ -310,4 +315,10 @@ if __name__ == "__main__":  # the harness's own command line, with the nanoforge
     # python -m nanoforge.harness run --model nanoforge --model_args ckpt=RUN --tasks hellaswag
     from lm_eval.__main__ import cli_evaluate
 
-    cli_evaluate()
+    if "run" in sys.argv[1:2] and not any(a.startswith("--device") for a in sys.argv):
+        sys.argv += ["--device", "auto"]  # the harness's default is cuda:0, GPU or not
+    try:
+        cli_evaluate()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

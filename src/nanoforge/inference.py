@@ -225,15 +225,11 @@ def evaluation_data(
 
 
 def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
-    """Score a checkpoint on the whole validation split of its corpus (or of ``data=...``),
-    or, with ``tasks=``, on lm-evaluation-harness tasks (nanoforge.harness)."""
+    """Score a checkpoint on the whole validation split of its corpus (or of ``data=...``).
+    ``eval.py tasks=...`` runs ``nanoforge.harness.evaluate_tasks`` instead."""
     from nanoforge.threads import apply
 
     apply(cfg.get("threads"))
-    if cfg.get("tasks"):
-        from nanoforge.harness import evaluate_tasks  # lm-eval: an extra, imported only here
-
-        return evaluate_tasks(cfg, out)
     device = pick_device(cfg.device)
     ckpt_path = resolve_checkpoint(cfg.ckpt)
     model, tok, ckpt = load_model(ckpt_path, device)

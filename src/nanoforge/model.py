@@ -120,41 +120,6 @@ class GPTConfig:
         return asdict(self)
 
 
-def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """The shapes of the tensors that fix a model's sizes (embeddings, the first block's
-    attention, the last block's index), to check weights against a config before building it."""
-    c = config
-    shapes = {"wte.weight": (c.vocab_size, c.n_embd)}
-    if c.position == "learned":
-        shapes["wpe.weight"] = (c.block_size, c.n_embd)
-    for i in range(c.n_layer):
-        shapes[f"blocks.{i}.attn.c_attn.weight"] = (3 * c.n_embd, c.n_embd)
-    if not c.tie_head:
-        shapes["lm_head.weight"] = (c.vocab_size, c.n_embd)
-    return shapes
-
-
-def check_weights_fit(config: GPTConfig, state: dict, where: str) -> None:
-    """Refuse, before the model is built, weights whose sizes disagree with ``config``: a
-    config is data from a file, and only the weights beside it show the real sizes (a few-kB
-    checkpoint claiming ``block_size=4e9`` must not make ``GPT`` allocate for it)."""
-    for name, shape in expected_shapes(config).items():
-        tensor = state.get(name)
-        if tensor is None:
-            raise UserError(f"{where}: the weights lack {name}, which its model config needs")
-        if tuple(tensor.shape) != shape:
-            raise UserError(
-                f"{where}: tensor {name} has shape {tuple(tensor.shape)}, but the model config "
-                f"stored with it implies {shape}: the config and the weights disagree"
-            )
-    extra = f"blocks.{config.n_layer}.attn.c_attn.weight"
-    if extra in state:
-        raise UserError(
-            f"{where}: the weights have more blocks than the model config's n_layer="
-            f"{config.n_layer}: the config and the weights disagree"
-        )
-
-
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention written out: softmax(q kᵀ / sqrt(d) + mask) v.
 
@@ -574,7 +539,7 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
-    def trunk(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def trunk(self, idx: torch.Tensor, cache: KVCache | SlotKVCache | None = None) -> torch.Tensor:
         """idx (B, T) -> the final normalised hidden states (B, T, n_embd): everything but
         the LM head, so a caller that needs logits at a few positions only (the harness's
         continuation tokens) runs the largest matrix on those rows alone."""
@@ -601,9 +566,9 @@ class GPT(nn.Module):
                 x = block(x, cache, i, rope)
         return self.ln_f(x)
 
-    def _forward_slots(self, idx: torch.Tensor, cache: SlotKVCache):
-        """``forward`` for a :class:`SlotKVCache`: idx (B, 1), row i at position
-        ``cache.positions[i]``; logits (B, 1, vocab). The cache's lengths advance."""
+    def _forward_slots(self, idx: torch.Tensor, cache: SlotKVCache) -> torch.Tensor:
+        """``trunk`` for a :class:`SlotKVCache`: idx (B, 1), row i at position
+        ``cache.positions[i]``; hidden states (B, 1, n_embd). The cache's lengths advance."""
         pos = cache.positions
         x = self.wte(idx)
         rope = None
@@ -614,7 +579,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i, rope)
         cache.advance()
-        return self.lm_head(self.ln_f(x)), None
+        return self.ln_f(x)
 
     @torch.inference_mode()  # no autograd bookkeeping at all: less work per token than no_grad
     def generate(
