@@ -300,6 +300,16 @@ class HFCorpus(Corpus):
         return sum(p.stat().st_size for p in Path(self.parts[0]).rglob("*") if p.is_file())
 
 
+def corpus_outside(path: str, data_dir: str | Path) -> bool:
+    """Whether a corpus path lies outside ``data_dir`` (symlinks resolved): such a path
+    recorded in a checkpoint is not followed without the user's own ``data.path=``."""
+    try:
+        Path(path).expanduser().resolve().relative_to(Path(data_dir).resolve())
+    except (ValueError, OSError, RuntimeError):
+        return True
+    return False
+
+
 CORPORA = ("shakespeare", "tinyshakespeare", "text", "pycode", "hf")
 
 
