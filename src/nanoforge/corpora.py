@@ -292,7 +292,9 @@ class HFCorpus(Corpus):
         folder = self.parts[0]
         for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
             yield f.relative_to(folder).as_posix().encode() + b"\0"
-            yield f.read_bytes()
+            with open(f, "rb") as stream:  # Arrow files can be large: in blocks
+                while block := stream.read(documents.BLOCK):
+                    yield block
 
     def n_bytes(self) -> int:
         if not self.parts:
