@@ -103,6 +103,9 @@ def test_requests_score_as_the_hf_backend_scores_the_export(exported, hf_backend
     )
     (text,) = ours.generate_until(gen)
     assert "!" not in text and text == theirs.generate_until(gen)[0]
+    # the export itself, read back by nanoforge (as for GPT-2 from Hugging Face): the same
+    from_hf = NanoforgeLM(ckpt=str(exported[1]), batch_size=2, device="cpu")
+    assert from_hf.loglikelihood(ll) == ours.loglikelihood(ll)
 
 
 def test_eval_py_tasks_agree_with_the_hf_backend(exported, hf_backend, tasks_path, tmp_path):
