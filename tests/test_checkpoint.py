@@ -30,7 +30,7 @@ from nanoforge.checkpoint import (
 )
 from nanoforge.checkpoint_writer import AtomicCheckpointIO
 from nanoforge.errors import UserError
-from tests.conftest import SRC
+from tests.helpers import SRC
 
 
 # --------------------------------------------------------------------------- finding one

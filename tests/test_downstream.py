@@ -7,8 +7,8 @@ import os
 import pytest
 
 from nanoforge.errors import UserError
-from tests.conftest import make_text, run_entry, tb_dir
 from tests.harness_tasks import TEXT, write_tasks
+from tests.helpers import make_text, run_entry, tb_dir
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 pytest.importorskip("lm_eval")

@@ -22,7 +22,16 @@ import lightning as L
 import pytest
 import torch
 
-from tests.conftest import ROOT, SRC, make_text, read_csv, run_dirs, run_entry
+from tests.helpers import (
+    ROOT,
+    SRC,
+    clean_env,
+    make_text,
+    read_csv,
+    run_dirs,
+    run_entry,
+    with_pythonpath,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +84,7 @@ ARGS = [
 def run_train(cwd: Path, *args: str):
     (cwd / "corpus.txt").write_text(make_text(30_000), encoding="utf-8")
     # the probe's module must import in both ranks' processes
-    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = with_pythonpath(ROOT)
     r = run_entry("train.py", *args, cwd=cwd, timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     return r
@@ -135,7 +144,7 @@ def _popen(cwd: Path, *args: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONHASHSEED": "0"},
+        env=clean_env(),
     )
 
 

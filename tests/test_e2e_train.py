@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import SRC, make_text, run_dirs, run_entry, tb_dir
+from tests.helpers import SRC, make_text, run_dirs, run_entry, tb_dir
 
 pytestmark = pytest.mark.slow
 

@@ -180,7 +180,7 @@ def test_without_the_harness_tasks_names_the_extra(monkeypatch):
 def test_tasks_typed_with_a_comma_become_a_list():
     import importlib.util
 
-    from tests.conftest import SRC
+    from tests.helpers import SRC
 
     spec = importlib.util.spec_from_file_location("eval_entry", SRC / "eval.py")
     entry = importlib.util.module_from_spec(spec)

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf, read_write
 
 from nanoforge import hydra_setup
 from nanoforge.errors import UserError
-from tests.conftest import CONFIGS, SRC, compose, entry_point_code, run_entry, run_python
+from tests.helpers import CONFIGS, SRC, compose, entry_point_code, run_entry, run_python
 
 
 # --------------------------------------------------------------------------- run()
@@ -191,7 +191,12 @@ def test_every_entry_point_settles_its_imports(script, tiny_run, tmp_path):
             f"hydra.run.dir={tmp_path / 'run'}",
         ],
         "generate.py": [f"ckpt={tiny_run}", "max_new_tokens=1"],
-        "eval.py": [f"ckpt={tiny_run}", f"output={tmp_path / 'eval.json'}"],
+        "eval.py": [  # the corpus lies outside the data folder: named, as a user would
+            f"ckpt={tiny_run}",
+            "data=text",
+            f"data.path={corpus}",
+            f"output={tmp_path / 'eval.json'}",
+        ],
     }[script]
     code = _REPORT_AT_EXIT + entry_point_code(script, *args)
     report = _python(code, tmp_path).strip().splitlines()[-3:]
@@ -221,6 +226,7 @@ def help_text(entry: str, monkeypatch, capsys) -> str:
     [
         ("export", []),
         ("generate", []),
+        ("serve", []),
         ("eval", ["data"]),
         ("prepare", ["data", "tokenizer"]),
         # train reads them all (and experiment=, from experiments/)

@@ -24,7 +24,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from nanoforge.errors import UserError
 from nanoforge.loggers import TensorBoard, _swept_keys, existing_version, run_hparams, run_name
 from nanoforge.training import build, train
-from tests.conftest import compose_run
+from tests.helpers import compose_run
 
 
 def test_run_name_carries_what_the_run_trains_not_where_it_is_kept():
@@ -152,7 +152,7 @@ def store(migrated_store: Path, folder: Path) -> str:
 
 
 def test_logger_configs_combine_with_tensorboard():
-    from .conftest import compose
+    from tests.helpers import compose
 
     assert list(compose([]).logger) == ["tensorboard"]  # the default is unchanged
     cfg = compose(["logger=[tensorboard,mlflow,wandb]", "paths.log_dir=LOGS"])

@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from nanoforge import report
-from tests.conftest import read_csv
+from tests.helpers import read_csv
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -116,3 +116,29 @@ def test_the_plot_puts_final_loss_against_what_the_sweep_varied(tmp_path):
     panels = dict(report._panels(two_keys))
     assert panels == {"tokenizer": ["char", "bpe"], "optim.lr": [1e-3, 3e-3]}
     assert report.plot(two_keys).startswith(PNG_MAGIC)
+
+
+def test_a_sweep_ends_with_one_block_naming_the_best_job(tmp_path, monkeypatch):
+    """Each job printed its own four-command block; the sweep now ends with one."""
+    monkeypatch.chdir(tmp_path)
+    sweep = tmp_path / "logs" / "train" / "multiruns" / "s"
+    fake_job(sweep, 0, ["model=tiny", "optim.lr=1e-3"], metrics(2.5, 100), {"status": "ok"})
+    fake_job(sweep, 1, ["model=tiny", "optim.lr=3e-3"], metrics(2.1, 100), {"status": "ok"})
+    fake_job(sweep, 2, ["model=tiny", "optim.lr=1e-2"], None, {"status": "failed", "error": "x"})
+    text = report.end_of_sweep(report.collect(sweep), sweep)
+    assert text.splitlines() == [
+        "sweep finished: 3 jobs, 2 ok",
+        "  best      job 1: optim.lr=3e-3  val/loss 2.1000",
+        "  report    logs/train/multiruns/s/report.md (+ .csv, .png)",
+        "next:",
+        "  python src/generate.py ckpt=logs/train/multiruns/s/1",
+        "  tensorboard --logdir logs/train/multiruns/s",
+    ]
+
+
+def test_a_sweep_job_ends_without_its_own_next_commands(tmp_path):
+    from nanoforge.console import end_of_run
+
+    summary = {"status": "finished", "steps": 10, "wall_seconds": 3.0, "val/loss": 2.0}
+    text = end_of_run(summary, tmp_path, "THESEUS:", next_steps=False)
+    assert "next:" not in text and "tensorboard" not in text and "run dir" in text

@@ -180,11 +180,30 @@ def test_runs_are_listed_newest_first_with_status_loss_and_overrides(tmp_path):
     os.utime(job / ".hydra" / "config.yaml", (now - 60, now - 60))
     assert [p.name for p in find_runs(tmp_path)] == ["new", "0", "old"]
     lines = runs.list_runs(tmp_path).splitlines()
-    assert lines[0].split()[:6] == ["started", "status", "steps", "val/loss", "run", "overrides"]
-    assert lines[1].split()[2:5] == ["stopped", "20", "3.2500"] and "seed=new" in lines[1]
-    assert lines[2].split()[2] == "failed" and "multiruns/sweep/0" in lines[2]
-    assert lines[3].split()[2:5] == ["finished", "50", "2.5000"]
+    head = ["started", "resumed", "status", "steps", "val/loss", "run", "overrides"]
+    assert lines[0].split() == head
+    assert lines[1].split()[2:6] == ["—", "stopped", "20", "3.2500"] and "seed=new" in lines[1]
+    assert lines[2].split()[3] == "failed" and "multiruns/sweep/0" in lines[2]
+    assert lines[3].split()[2:6] == ["—", "finished", "50", "2.5000"]
     assert "no runs under" in runs.list_runs(tmp_path / "empty")
+
+
+def test_a_resumed_run_shows_its_start_and_its_last_resume_without_internal_overrides(tmp_path):
+    """It showed the last resume as the start, and ckpt_path=..., which resume= adds."""
+    started = time.mktime(time.strptime("2026-12-06 09:30:00", "%Y-%m-%d %H:%M:%S"))
+    resumed = started + 3 * 3600
+    run = make_run(tmp_path, "r", resumed, metrics={"status": "finished", "steps": 60})
+    (run / "train.log").write_text(
+        "[2026-12-06 09:30:00,233][nanoforge.training][INFO] - run directory: r\n"
+        "[2026-12-06 12:30:00,117][nanoforge.training][INFO] - run directory: r\n"
+    )
+    OmegaConf.save(
+        OmegaConf.create(["model=tiny", "trainer.max_steps=60", f"ckpt_path={run}/x.ckpt"]),
+        run / ".hydra" / "overrides.yaml",
+    )
+    row = runs.list_runs(tmp_path).splitlines()[1]
+    assert row.startswith("2026-12-06 09:30  2026-12-06 12:30  finished  60 ")
+    assert row.endswith("  model=tiny trainer.max_steps=60")
 
 
 def test_last_is_the_most_recent_run_with_a_checkpoint(tmp_path, monkeypatch, capsys):

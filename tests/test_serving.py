@@ -13,22 +13,22 @@ TOK = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUV
 PROMPTS = ["ROMEO:", "a", "the king said", "JULIET: my love is", "x" * 40, "Q", "hello", "ab"]
 
 
-def tiny_model(position: str = "learned") -> GPT:
+def tiny_model(position: str = "learned", dtype: torch.dtype | None = None) -> GPT:
     """Untrained: its logits are nearly flat, so any arithmetic difference shows as a
     different greedy token soon."""
     torch.manual_seed(0)
     config = GPTConfig(
         vocab_size=TOK.vocab_size, block_size=32, n_layer=2, n_head=4, n_embd=64, position=position
     )
-    return GPT(config).eval().prepare_decoding()
+    return GPT(config).eval().prepare_decoding(dtype)
 
 
-def alone(model: GPT, prompt: str, p: SamplingParams) -> str:
+def alone(model: GPT, prompt: str, p: SamplingParams, tok=TOK) -> str:
     """What ``GPT.generate`` (generate.py's sampler) gives this request by itself."""
     g = torch.Generator().manual_seed(p.seed)
-    idx = torch.as_tensor(TOK.encode(prompt))[None]
+    idx = torch.as_tensor(tok.encode(prompt))[None]
     steps = model.generate(idx, p.max_tokens, p.temperature, p.top_k, p.top_p, generator=g)
-    return TOK.decode(torch.stack(list(steps), 1)[0].tolist())
+    return tok.decode(torch.stack(list(steps), 1)[0].tolist())
 
 
 def mixed_params(n: int, max_tokens: int = 50) -> list[SamplingParams]:
@@ -60,6 +60,30 @@ def test_batched_streams_equal_each_stream_alone(one_thread, position, slots):
     assert sorted(engine.free) == list(range(slots))  # every slot given back
 
 
+def test_bfloat16_streams_equal_each_stream_alone(one_thread):
+    model = tiny_model(dtype=torch.bfloat16)
+    params = mixed_params(len(PROMPTS), max_tokens=20)
+    expected = [alone(model, p, sp) for p, sp in zip(PROMPTS, params, strict=True)]
+    reqs = Engine(model, TOK, slots=8).run([TOK.encode(p).tolist() for p in PROMPTS], params)
+    assert [r.text for r in reqs] == expected
+
+
+def test_streams_on_two_threads_equal_each_stream_alone():
+    # several threads: every row attends alone (the fused kernel may split a batch otherwise)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = tiny_model()
+        params = [SamplingParams(max_tokens=20, temperature=0, seed=0)] * 4
+        expected = [alone(model, p, params[0]) for p in PROMPTS[:4]]
+        reqs = Engine(model, TOK, slots=4).run(
+            [TOK.encode(p).tolist() for p in PROMPTS[:4]], params
+        )
+        assert [r.text for r in reqs] == expected
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_streams_in_lockstep_equal_one_alone(one_thread):
     model = tiny_model()
     p = SamplingParams(max_tokens=30, temperature=0, seed=0)
@@ -83,6 +107,34 @@ def test_stop_string_ends_the_text_before_it_and_is_never_streamed(one_thread):
         engine.step()
     assert req.text == cut and req.finish_reason == "stop"
     assert "".join(pieces) == cut and ends[-1] == "stop" and ends.count("stop") == 1
+
+
+def test_end_of_text_stops_a_stream_and_is_not_in_its_text(one_thread):
+    model = tiny_model()
+    p = SamplingParams(max_tokens=40, temperature=0, seed=0)
+    (full,) = Engine(model, TOK, slots=1).run([TOK.encode("ROMEO:").tolist()], [p])
+    engine = Engine(model, TOK, slots=1)
+    engine.eot = full.tokens[7]  # as if the model had learned to end its document there
+    (req,) = engine.run([TOK.encode("ROMEO:").tolist()], [p])
+    cut = full.tokens.index(engine.eot)
+    assert req.finish_reason == "stop" and req.text == TOK.decode(full.tokens[:cut])
+
+
+def test_bpe_streams_equal_each_stream_alone(one_thread):
+    from nanoforge.tokenizer import BPETokenizer
+    from tests.conftest import make_text
+
+    bpe = BPETokenizer.train([make_text(5_000)], 300)
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=bpe.vocab_size, block_size=32, n_layer=2, n_head=4, n_embd=64)
+    model = GPT(config).eval().prepare_decoding()
+    prompts = ["ROMEO: the king", "é ü", "JULIET:\nmy lord"]  # é: bytes a token may cut
+    params = mixed_params(3, max_tokens=40)
+    expected = [alone(model, q, sp, bpe) for q, sp in zip(prompts, params, strict=True)]
+    engine = Engine(model, bpe, slots=3)
+    engine.eot = None  # an untrained model may pick <|endoftext|>; alone() goes on too
+    reqs = engine.run([bpe.encode(q).tolist() for q in prompts], params)
+    assert [r.text for r in reqs] == expected
 
 
 def test_cancel_frees_the_slot_at_the_next_step(one_thread):

@@ -22,7 +22,7 @@ import uvicorn
 from nanoforge.model import GPT, GPTConfig
 from nanoforge.serving_app import create_app
 from nanoforge.tokenizer import CharTokenizer
-from tests.conftest import SRC, compose
+from tests.helpers import SRC, compose
 
 TOK = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ:\n.,!")
 NAME = "tiny"
@@ -141,6 +141,10 @@ def test_seeded_sampling_repeats_and_n_gives_distinct_choices(client):
     assert len({c.text for c in several}) > 1
     both = client.completions.create(model=NAME, prompt=["ab", "cd"], max_tokens=3)
     assert len(both.choices) == 2
+    ids = TOK.encode("ab").tolist()  # token ids are a prompt too
+    greedy = dict(model=NAME, max_tokens=5, temperature=0)
+    by_ids = client.completions.create(prompt=ids, **greedy).choices[0].text
+    assert by_ids == client.completions.create(prompt="ab", **greedy).choices[0].text
 
 
 def test_chat_completions_streamed_and_not(client):
@@ -169,6 +173,7 @@ def test_chat_completions_streamed_and_not(client):
         ({"top_p": 2}, "top_p"),
         ({"n": 9}, "n must be"),
         ({"logprobs": 3}, "not supported"),
+        ({"prompt": [1, 999]}, "token ids"),
     ],
 )
 def test_a_bad_request_is_400_in_openai_shape_and_the_next_is_answered(client, fields, words):
@@ -241,7 +246,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no system chromium (apt install chromium)")
 def test_the_page_streams_text_in_headless_chromium(server, tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api")
+    playwright = pytest.importorskip(
+        "playwright.sync_api", reason='no playwright: pip install -e ".[browser]"'
+    )
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
@@ -296,3 +303,21 @@ def test_sigterm_ends_streams_and_exits_0(ckpt, tmp_path):
         assert proc.wait(10) == 0 and time.monotonic() - started < 8
     finally:
         proc.kill()
+
+
+@pytest.mark.slow
+def test_serve_py_port_in_use_and_missing_checkpoint_are_one_line_exit_2(ckpt, tmp_path):
+    from tests.conftest import run_entry
+
+    # not an empty folder: hydra_setup.run removes an empty run directory after a user error,
+    # and serve.py's run directory is the current one
+    (tmp_path / "keep").write_text("")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        taken = run_entry("serve.py", f"ckpt={ckpt}", f"port={port}", cwd=tmp_path)
+    missing = run_entry("serve.py", f"ckpt={tmp_path / 'nope'}", cwd=tmp_path)
+    for result, words in ((taken, f"127.0.0.1:{port}"), (missing, "does not exist")):
+        assert result.returncode == 2 and result.stdout == ""
+        assert result.stderr.count("\n") == 1 and words in result.stderr

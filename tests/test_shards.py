@@ -20,7 +20,7 @@ from nanoforge.corpora import open_corpus
 from nanoforge.data import RandomWindows
 from nanoforge.errors import UserError
 from nanoforge.tokenizer import BPETokenizer, CharTokenizer
-from tests.conftest import make_text
+from tests.helpers import make_text
 
 
 @pytest.fixture

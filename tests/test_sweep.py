@@ -19,7 +19,7 @@ from omegaconf import OmegaConf, read_write
 
 from nanoforge import sweep
 from nanoforge.errors import UserError
-from tests.conftest import compose
+from tests.helpers import compose
 
 
 def test_assign_resources_gpu_by_job_number_or_cpu_share(monkeypatch, cfg_factory):

@@ -101,3 +101,12 @@ def read_json(path: str | os.PathLike) -> dict | None:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def shown(path: str | os.PathLike) -> str:
+    """``path`` relative to the working directory when it lies below it (shorter to copy)."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)

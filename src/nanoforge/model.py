@@ -539,7 +539,7 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
-    def trunk(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def trunk(self, idx: torch.Tensor, cache: KVCache | SlotKVCache | None = None) -> torch.Tensor:
         """idx (B, T) -> the final normalised hidden states (B, T, n_embd): everything but
         the LM head, so a caller that needs logits at a few positions only (the harness's
         continuation tokens) runs the largest matrix on those rows alone."""
@@ -566,9 +566,9 @@ class GPT(nn.Module):
                 x = block(x, cache, i, rope)
         return self.ln_f(x)
 
-    def _forward_slots(self, idx: torch.Tensor, cache: SlotKVCache):
-        """``forward`` for a :class:`SlotKVCache`: idx (B, 1), row i at position
-        ``cache.positions[i]``; logits (B, 1, vocab). The cache's lengths advance."""
+    def _forward_slots(self, idx: torch.Tensor, cache: SlotKVCache) -> torch.Tensor:
+        """``trunk`` for a :class:`SlotKVCache`: idx (B, 1), row i at position
+        ``cache.positions[i]``; hidden states (B, 1, n_embd). The cache's lengths advance."""
         pos = cache.positions
         x = self.wte(idx)
         rope = None
@@ -579,7 +579,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i, rope)
         cache.advance()
-        return self.lm_head(self.ln_f(x)), None
+        return self.ln_f(x)
 
     @torch.inference_mode()  # no autograd bookkeeping at all: less work per token than no_grad
     def generate(

@@ -83,10 +83,14 @@ def _rows_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     kernel may sum in another order."""
     if x.dim() != 3 or x.size(0) == 1 or x.size(1) != 1:
         return F.linear(x, module.weight, module.bias)
-    w = module.weight.t().expand(x.size(0), -1, -1)
-    if module.bias is None:
-        return torch.bmm(x, w)
-    return torch.baddbmm(module.bias.expand(x.size(0), 1, -1), x, w)
+    views = module._row_views.get(x.size(0))
+    if views is None:  # the weight (and bias) seen as B copies, without copying: kept per B
+        w, b = module.weight, module.bias
+        views = (w.t().expand(x.size(0), -1, -1), None if b is None else b.expand(len(x), 1, -1))
+        module._row_views[x.size(0)] = views
+    if views[1] is None:
+        return torch.bmm(x, views[0])
+    return torch.baddbmm(views[1], x, views[0])
 
 
 def _loop_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -107,6 +111,7 @@ def exact_rows(model: GPT, rows: int) -> GPT:
         if type(module) is not nn.Linear:
             continue  # int8 layers and others keep their own forward
         w = module.weight
+        module._row_views = {}
         exact = True
         for b in sorted({2, max(rows, 2)}):
             x = torch.randn(b, 1, module.in_features, generator=gen).to(w.dtype).to(w.device)
@@ -138,6 +143,8 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.steps = 0  # decoding steps run (with at least one stream)
         self.error: BaseException | None = None
+        # <|endoftext|> ends a document: a stream stops there, as generate.py's does
+        self.eot: int | None = getattr(tokenizer, "eot_id", None)
         exact_rows(model, slots)
 
     # ------------------------------------------------------------------ the public side
@@ -282,6 +289,10 @@ class Engine:
 
     def _append(self, req: Request, token: int) -> None:
         req.tokens.append(token)
+        if token == self.eot:
+            req.text += self.tokenizer.decode(req._pending) if req._pending else ""
+            self._finish(req, "stop")
+            return
         req._pending.append(token)
         piece = self.tokenizer.decode(req._pending)
         reason = "length" if len(req.tokens) >= req.params.max_tokens else None

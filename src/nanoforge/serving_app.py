@@ -80,7 +80,7 @@ class _Body(BaseModel):
 
 
 class CompletionBody(_Body):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text, or token ids
 
 
 class Message(BaseModel):
@@ -143,9 +143,14 @@ class Server:
             raise ApiError(str(e)) from None
         return params
 
-    def encode(self, prompt: str) -> list[int]:
+    def encode(self, prompt: str | list[int]) -> list[int]:
         if not prompt:
             raise ApiError("the prompt is empty: give at least one character", param="prompt")
+        if isinstance(prompt, list):  # token ids
+            vocab = self.engine.config.vocab_size
+            if not all(0 <= i < vocab for i in prompt):
+                raise ApiError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+            return self._check_length(prompt)
         unknown = self.tokenizer.unknown_chars(prompt)
         if unknown:
             raise ApiError(
@@ -153,7 +158,9 @@ class Server:
                 f"{', '.join(map(repr, unknown[:20]))}",
                 param="prompt",
             )
-        ids = self.tokenizer.encode(prompt).tolist()
+        return self._check_length(self.tokenizer.encode(prompt).tolist())
+
+    def _check_length(self, ids: list[int]) -> list[int]:
         if len(ids) > self.limits.max_prompt_tokens:
             raise ApiError(
                 f"the prompt is {len(ids)} tokens, over this server's limit of "
@@ -162,7 +169,7 @@ class Server:
             )
         return ids
 
-    async def complete(self, prompts: list[str], body: _Body, chat: bool):
+    async def complete(self, prompts: list, body: _Body, chat: bool):
         params = self.params(body)
         encoded = [self.encode(p) for p in prompts]
         jobs = [(ids, i * body.n + j) for i, ids in enumerate(encoded) for j in range(body.n)]
@@ -241,7 +248,9 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        prompt = body.prompt
+        one = isinstance(prompt, str) or (prompt and isinstance(prompt[0], int))
+        prompts = [prompt] if one else prompt
         if not prompts:
             raise ApiError("prompt is an empty list", param="prompt")
         return await _respond(server, prompts, body, chat=False)
@@ -255,7 +264,7 @@ def create_app(server: Server) -> FastAPI:
     return app
 
 
-async def _respond(server: Server, prompts: list[str], body: _Body, chat: bool):
+async def _respond(server: Server, prompts: list, body: _Body, chat: bool):
     reqs, queue, rid = await server.complete(prompts, body, chat)
     created = int(time.time())
     head = {"id": rid, "created": created, "model": server.name}

@@ -40,7 +40,7 @@ from nanoforge import hydra_setup
 from nanoforge.errors import UserError
 from nanoforge.io import atomic_write_bytes
 from nanoforge.machine import cpu_cores, gpu_count, launcher_rank
-from nanoforge.report import STATUS_FILE, STUDY_FILE, write_report
+from nanoforge.report import STATUS_FILE, STUDY_FILE, collect, end_of_sweep, write_report
 
 log = logging.getLogger(__name__)
 
@@ -266,9 +266,8 @@ class SweepReport(Callback):
                 atomic_write_bytes(sweep_dir / STUDY_FILE, json.dumps(summary).encode())
             except Exception as e:  # a report must never break the sweep it describes
                 log.warning(f"could not read the Optuna study {source[1]}: {e}")
-        paths = self._write(sweep_dir)
-        if paths:
-            log.info(f"sweep report: {paths['md']} (+ .csv, .png)")
+        if self._write(sweep_dir):  # plain lines, as a run ends (Hydra's logger would stamp them)
+            print("end of sweep\n" + end_of_sweep(collect(sweep_dir), sweep_dir), flush=True)
 
     @staticmethod
     def _write(sweep_dir: Path) -> dict[str, Path] | None:
