@@ -21,7 +21,14 @@ def main(cfg: DictConfig) -> None:
 
     hydra_setup.settle_imports()  # the import-time objects: no garbage collection walks them
 
-    hydra_setup.run(evaluate, cfg)
+    hydra_setup.run(harness_tasks if cfg.get("tasks") else evaluate, cfg)
+
+
+def harness_tasks(cfg: DictConfig):
+    """``tasks=...``: lm-evaluation-harness tasks (an extra: without it, one line naming it)."""
+    from nanoforge.harness import evaluate_tasks
+
+    return evaluate_tasks(cfg)
 
 
 def task_list(argv: list[str]) -> list[str]:

@@ -1,5 +1,6 @@
-"""Shared fixtures and helpers: the real configs composed with temporary paths, a small
-generated corpus, the entry points run in subprocesses, and one tiny model trained in-process.
+"""Shared fixtures: the real configs composed with temporary paths, a small generated corpus,
+one tiny model trained in-process, an environment independent of the caller's shell, and a
+checkout the suite leaves as it found it. The helpers (not fixtures) are in tests/helpers.py.
 
 Test files mirror the package (``test_<module>.py`` specifies ``nanoforge/<module>.py``);
 ``test_e2e_*.py`` run the real entry points in subprocesses and are marked ``slow``.
@@ -7,57 +8,71 @@ Test files mirror the package (``test_<module>.py`` specifies ``nanoforge/<modul
 
 from __future__ import annotations
 
-import csv
 import os
-import random
-import subprocess
-import sys
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SRC = ROOT / "src"
-CONFIGS = ROOT / "configs"
-sys.path.insert(0, str(SRC))
-
-from nanoforge import hydra_setup  # noqa: E402
+from nanoforge import hydra_setup
+from tests.helpers import caller_only, checkout_files, compose_run, make_text
 
 hydra_setup.setup()
 
+_CHECKOUT = pytest.StashKey[set | None]()
 
-def make_text(n_chars: int = 20_000, seed: int = 0) -> str:
-    """Deterministic play-like text: speakers, lines, blank lines."""
-    rng = random.Random(seed)
-    words = [
-        "the",
-        "king",
-        "queen",
-        "love",
-        "night",
-        "day",
-        "sweet",
-        "death",
-        "good",
-        "lord",
-        "my",
-        "thy",
-        "heart",
-        "fair",
-    ]
-    names = ["ROMEO", "JULIET", "FIRST CITIZEN", "HAMLET"]
-    parts, size = [], 0
-    while size < n_chars:
-        lines = [
-            " ".join(rng.choice(words) for _ in range(rng.randint(3, 8))).capitalize()
-            + rng.choice(".,;!?")
-            for _ in range(rng.randint(1, 4))
-        ]
-        block = f"{rng.choice(names)}:\n" + "\n".join(lines) + "\n\n"
-        parts.append(block)
-        size += len(block)
-    return "".join(parts)
+
+def pytest_configure(config):
+    """Hypothesis keeps its example database in ``./.hypothesis``: here, a temporary folder
+    (set before collection, when ``@settings`` may already resolve the database's path)."""
+    try:
+        from hypothesis.configuration import set_hypothesis_home_dir
+    except ImportError:
+        return
+    folder = Path(tempfile.mkdtemp(prefix="nanoforge-hypothesis-"))
+    config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
+    set_hypothesis_home_dir(folder)
+
+
+def pytest_sessionstart(session):
+    """The checkout's untracked and ignored files before the tests (the controller only, in
+    ``pytest -n``): what the suite creates inside the checkout fails it at the end."""
+    if not hasattr(session.config, "workerinput"):
+        session.config.stash[_CHECKOUT] = checkout_files()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if hasattr(session.config, "workerinput"):
+        return
+    before = session.config.stash.get(_CHECKOUT, None)
+    after = checkout_files() if before is not None else None
+    left = sorted(after - before) if after is not None else []
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = (
+            f"the tests left {len(left)} file(s) inside the checkout (write under tmp_path): "
+            + ", ".join(left[:10])
+        )
+        if reporter is not None:
+            reporter.write("\n")
+            reporter.write_line(f"ERROR: {message}", red=True, bold=True)
+        else:
+            print(f"\nERROR: {message}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _independent_of_the_callers_shell():
+    """The tests (and every subprocess they start) run without what only the caller's shell
+    holds: ``$_``, a cluster job's or launcher's variables, tracker settings (see
+    tests/helpers.py CALLER_ONLY); string hashing seeded for subprocesses."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in [k for k in os.environ if caller_only(k)]:
+            mp.delenv(name)
+        mp.setenv("PYTHONHASHSEED", "0")
+        yield
 
 
 @pytest.fixture
@@ -67,38 +82,10 @@ def text_file(tmp_path) -> Path:
     return p
 
 
-def compose(
-    overrides: list[str] | None = None,
-    config_name: str = "train",
-    return_hydra_config: bool = False,
-):
-    """Compose the real configs as the entry point would (with the ``hydra`` node, launcher
-    and sweeper included, when ``return_hydra_config``)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        return hydra_compose(
-            config_name, overrides=overrides or [], return_hydra_config=return_hydra_config
-        )
-
-
-def compose_run(root: Path, *overrides: str):
-    """``train`` composed for a quiet test run under ``root`` (the run dir is ``root/run``)."""
-    base = [
-        f"paths.root_dir={root}",
-        f"paths.output_dir={root / 'run'}",
-        "model=tiny",
-        "logger=none",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
-    ]
-    return compose([*base, *overrides])
-
-
 @pytest.fixture
 def cfg_factory(tmp_path):
-    """``cfg_factory(*overrides)``: :func:`compose_run` under this test's ``tmp_path``."""
+    """``cfg_factory(*overrides)``: :func:`tests.helpers.compose_run` under this test's
+    ``tmp_path``."""
     return lambda *overrides: compose_run(tmp_path, *overrides)
 
 
@@ -140,61 +127,6 @@ def tiny_run(tmp_path_factory) -> Path:
     datamodule, module, trainer = build(cfg)
     trainer.fit(module, datamodule=datamodule)
     return root / "run"
-
-
-def run_entry(script: str, *args: str, cwd: Path, timeout: int = 180, env: dict | None = None):
-    """Run a real entry point (src/<script>) in a subprocess; returns CompletedProcess."""
-    e = {**os.environ, "PYTHONHASHSEED": "0", **(env or {})}
-    e.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(
-        [sys.executable, str(SRC / script), *args],
-        cwd=cwd,
-        env=e,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def run_python(code: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 180):
-    """``python -c CODE`` in a fresh interpreter (for what only a whole process shows: its
-    imports, its environment, its state at exit); returns CompletedProcess."""
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def entry_point_code(script: str, *args: str) -> str:
-    """Code for :func:`run_python` that runs the entry point src/<script> with ``args`` as
-    ``__main__``, so that code after it (or an ``atexit`` hook before it) can inspect the
-    process the entry point left."""
-    return (
-        "import runpy, sys\n"
-        f"sys.argv = [{str(SRC / script)!r}, *{list(args)!r}]\n"
-        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
-    )
-
-
-def run_dirs(cwd: Path, task: str = "train") -> list[Path]:
-    """The single-run directories train.py made under ``cwd`` (``logs/<task>/runs/*``)."""
-    return sorted((cwd / "logs" / task / "runs").glob("*"))
-
-
-def tb_dir(run: Path) -> Path:
-    """The one folder holding a run's TensorBoard event files (``RUN/tensorboard/<name>``)."""
-    (folder,) = {p.parent for p in (run / "tensorboard").glob("*/events.out.tfevents.*")}
-    return folder
-
-
-def read_csv(path: Path) -> list[dict]:
-    """The rows of a CSV file (a sweep's report.csv) as dicts."""
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from nanoforge.callbacks import TokenThroughput, device_peak_flops, end_of_run
+from nanoforge.callbacks import TokenThroughput, device_peak_flops
 
 
 def test_metrics_json(tiny_run):
@@ -40,35 +40,17 @@ def test_samples_txt(tiny_run):
     assert "===== step 5 =====" in text and "===== step 10 =====" in text
 
 
-def test_end_of_run_says_how_it_ended_where_it_went_and_what_to_run_next(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    run = tmp_path / "logs" / "train" / "runs" / "r1"
-    summary = {
-        "status": "finished",
-        "steps": 2000,
-        "wall_seconds": 112.4,
-        "train_tokens_per_sec": 18745.2,
-        "val/loss": 1.80712,
-        "val/bpc": 2.60713,
-        "best/val/loss": 1.80001,
-        "best/step": 1750,
-        "best/checkpoint": str(run / "checkpoints" / "best.ckpt"),
-    }
-    lines = end_of_run(summary, run).splitlines()
-    assert lines[0] == "run finished: 2,000 steps in 1 min 52 s, 18,745 tokens/s"
-    assert "val/loss 1.8071" in lines[1] and "best val/loss 1.8000 at step 1750" in lines[1]
-    assert "  run dir   logs/train/runs/r1" in lines  # relative to where the user is
-    assert "  best      logs/train/runs/r1/checkpoints/best.ckpt" in lines
-    assert '  python src/generate.py ckpt=logs/train/runs/r1 prompt="ROMEO:"' in lines
-    assert "  python src/eval.py ckpt=logs/train/runs/r1" in lines
-    assert "  python src/train.py resume=logs/train/runs/r1 trainer.max_steps=4000" in lines
-    assert "  tensorboard --logdir logs/train/runs/r1" in lines
+def test_the_default_sample_prompt_works_on_a_corpus_without_line_breaks(tmp_path):
+    from nanoforge.callbacks import TextSamples
+    from nanoforge.errors import UserError
+    from nanoforge.tokenizer import CharTokenizer
 
-    stopped = {**summary, "status": "stopped", "val/loss": math.nan, "best/checkpoint": None}
-    lines = end_of_run(stopped, run).splitlines()
-    assert lines[0].startswith("run stopped: 2,000 steps") and "val/loss —" in lines[1]
-    assert "  python src/train.py resume=logs/train/runs/r1" in lines
-    assert not any(line.startswith("  best ") for line in lines)
+    module = SimpleNamespace(tokenizer=CharTokenizer.from_text("to be or not to be"))
+    samples = TextSamples(str(tmp_path))  # prompt "\n", which this corpus lacks
+    samples.on_fit_start(None, module)
+    assert samples.prompt == " "  # a character the corpus has
+    with pytest.raises(UserError, match="has characters the corpus lacks"):
+        TextSamples(str(tmp_path), prompt="ROMEO").on_fit_start(None, module)  # chosen: said
 
 
 def test_mfu_counts_every_rank_against_every_device(monkeypatch):

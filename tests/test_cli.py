@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from nanoforge import cli
 from nanoforge.cli import expand_resume
-from tests.conftest import compose, run_dirs, run_entry
+from tests.helpers import compose, run_dirs, run_entry
 
 
 # --------------------------------------------------------------------------- resume=RUN_DIR
@@ -127,6 +127,14 @@ def test_good_overrides_pass_and_pasted_unicode_is_quoted_for_hydra():
     assert cli.check_command_line(["train.py", "--help", "model=smal"], "train")[1] == (
         "--help"
     )  # Hydra's own flags: Hydra answers
+
+
+def test_a_sweep_over_a_non_ascii_value_keeps_its_commas():
+    """`-m +tag=x,Ω` is two jobs (x and Ω), not one job with the literal "x,Ω"; without -m, a
+    pasted value with a comma stays one string; a list is one value either way."""
+    assert cli.check_command_line(["train.py", "-m", "+tag=x,Ω"], "train")[2] == '+tag="x","Ω"'
+    assert cli.check_command_line(["train.py", "+tag=x,Ω"], "train")[1] == '+tag="x,Ω"'
+    assert cli.check_command_line(["train.py", "-m", "+t=[a,Ω]"], "train")[2] == '+t="[a,Ω]"'
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import OmegaConf
 
 from nanoforge.model import Block
-from tests.conftest import CONFIGS, ROOT, compose
+from tests.helpers import CONFIGS, ROOT, compose
 
 GROUPS = [
     "model",

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import io
 import logging
+import math
+import shlex
 import warnings
 from types import SimpleNamespace
 
 import pytest
 
-from nanoforge.console import ConsoleHandler, ProgressLog, StepProgressBar, quiet_libraries
+from nanoforge import cli
+from nanoforge.console import (
+    ConsoleHandler,
+    ProgressLog,
+    StepProgressBar,
+    corpus_prompt,
+    end_of_run,
+    quiet_libraries,
+)
 
 
 def test_resumed_bar_counts_the_whole_run_and_rates_only_this_process():
@@ -27,6 +37,23 @@ def test_resumed_bar_counts_the_whole_run_and_rates_only_this_process():
     fmt["n"] = 760
     # tqdm's average rate is (n - initial) / elapsed: 1 step/s, not 76
     assert t.format_meter(**fmt).count("1.00step/s") == 1
+
+
+def test_one_bar_for_the_whole_run_and_no_frozen_line_above_the_validation_lines(monkeypatch):
+    """Lightning's epoch start made a second bar, leaving the first at ``train: 0%``."""
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stdout", stream)
+    monkeypatch.setattr("sys.stderr", stream)
+    bar = StepProgressBar(tty_only=False)
+    trainer = SimpleNamespace(global_step=0, max_steps=200, current_epoch=0)
+    bar._trainer = trainer
+    bar.on_train_start(trainer)
+    first = bar.train_progress_bar
+    bar.on_train_epoch_start(trainer)
+    assert bar.train_progress_bar is first  # not a second bar below a frozen one
+    assert (first.n, first.total) == (0, 200)
+    first.close()
+    assert "\n" not in stream.getvalue().rstrip("\n")  # nothing left behind above the bar
 
 
 def test_the_bar_is_off_when_the_output_is_not_a_terminal(monkeypatch):
@@ -71,13 +98,17 @@ def test_library_adverts_are_dropped_and_python_warnings_become_one_line(monkeyp
 
         rank_zero_info("💡 Tip: try installing litlogger")
         rank_zero_info("GPU available: False, used: False")
+        rank_zero_info("TPU available: False, using: 0 TPU cores")  # on every CPU machine
+        # a resume is one line of ours ("resuming from ... at step N"), not three
+        rank_zero_info("Restoring states from the checkpoint path at run/checkpoints/last.ckpt")
+        rank_zero_info("Restored all states from the checkpoint at run/checkpoints/last.ckpt")
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.warn("a thing to know", UserWarning, stacklevel=1)
     finally:
         logging.captureWarnings(False)
     out = root_stream.getvalue()
-    assert "Tip" not in out
+    assert "Tip" not in out and "TPU" not in out and "checkpoint" not in out
     assert out.count("GPU available: False, used: False") == 1
     assert "warning: a thing to know\n" in out and ".py:" not in out
 
@@ -103,3 +134,62 @@ def test_progress_log_line_counts_the_steps_of_this_process(step0, monkeypatch, 
         f"step {step0 + 100}/{step0 + 300}: val/loss=1.5000 train/loss=1.2500 "
         "(10.00 steps/s, ETA 20s)"
     )
+
+
+def test_end_of_run_says_how_it_ended_where_it_went_and_what_to_run_next(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "logs" / "train" / "runs" / "r1"
+    summary = {
+        "status": "finished",
+        "steps": 2000,
+        "wall_seconds": 112.4,
+        "train_tokens_per_sec": 18745.2,
+        "val/loss": 1.80712,
+        "val/bpc": 2.60713,
+        "best/val/loss": 1.80001,
+        "best/step": 1750,
+        "best/checkpoint": str(run / "checkpoints" / "best.ckpt"),
+    }
+    lines = end_of_run(summary, run, "THESEUS:").splitlines()
+    assert lines[0] == "run finished: 2,000 steps in 1m52s, 18,745 tokens/s"  # as the ETA
+    assert "val/loss 1.8071" in lines[1] and "best val/loss 1.8000 at step 1750" in lines[1]
+    assert "  run dir   logs/train/runs/r1" in lines  # relative to where the user is
+    assert "  best      logs/train/runs/r1/checkpoints/best.ckpt" in lines
+    assert "  python src/generate.py ckpt=logs/train/runs/r1 prompt=THESEUS:" in lines
+    assert "  python src/eval.py ckpt=logs/train/runs/r1" in lines
+    assert "  python src/train.py resume=logs/train/runs/r1 trainer.max_steps=4000" in lines
+    assert "  tensorboard --logdir logs/train/runs/r1" in lines
+
+    stopped = {**summary, "status": "stopped", "val/loss": math.nan, "best/checkpoint": None}
+    lines = end_of_run(stopped, run).splitlines()
+    assert lines[0].startswith("run stopped: 2,000 steps") and "val/loss —" in lines[1]
+    assert "  python src/train.py resume=logs/train/runs/r1" in lines
+    assert not any(line.startswith("  best ") for line in lines)
+    # a corpus outside the data folder: eval.py is told which text (it does not follow a
+    # recorded path there, test_inference.py)
+    mine = end_of_run(summary, run, eval_data="data=text data.path=/home/me/corpus.txt")
+    assert (
+        "  python src/eval.py ckpt=logs/train/runs/r1 data=text data.path=/home/me/corpus.txt"
+        in (mine.splitlines())
+    )
+
+
+@pytest.mark.parametrize(
+    "text, prompt",
+    [
+        ("THESEUS:\nNow, fair Hippolyta, our nuptial hour\n", "THESEUS:"),
+        ("\n\nimport os\nimport sys\n", "import os"),
+        ("def f(x): return \"a\" + 'b'  # both quotes and a long line\n", "def"),
+        ("", None),
+    ],
+)
+def test_the_generate_hint_prompts_with_the_runs_own_corpus(text, prompt, tmp_path):
+    """It suggested prompt="ROMEO:" after training on Python code (issue 23)."""
+    assert corpus_prompt(text) == prompt
+    summary = {"status": "finished", "steps": 10, "wall_seconds": 3.0, "val/loss": 2.0}
+    lines = end_of_run(summary, tmp_path, prompt).splitlines()
+    (hint,) = [line for line in lines if "src/generate.py" in line]
+    assert "ROMEO" not in hint
+    if prompt:  # the hint's words go through the shell and the command line as they are
+        argv = ["generate.py", *shlex.split(hint)[2:]]
+        assert cli.check_command_line(argv, "generate")[2].strip('"') == f"prompt={prompt}"

@@ -18,7 +18,7 @@ import pytest
 from nanoforge import shards
 from nanoforge.corpora import open_corpus
 from nanoforge.errors import UserError
-from tests.conftest import make_text
+from tests.helpers import make_text
 
 DOCS = [make_text(1500, seed=i) + ("naïve café 東京 🙂" if i % 3 == 0 else "") for i in range(24)]
 

@@ -9,7 +9,6 @@ in test_checkpoint.py.)
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,13 +19,13 @@ import pytest
 import torch
 
 from nanoforge.checkpoint import check_resumable
-from tests.conftest import SRC, make_text, tb_dir
+from tests.helpers import SRC, clean_env, make_text, tb_dir
 
 pytestmark = pytest.mark.slow
 
 
 def _train(cwd: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env = clean_env()
     return subprocess.Popen(
         [
             sys.executable,
@@ -61,7 +60,7 @@ def _wait_for_step(proc: subprocess.Popen, step: int, timeout: float = 120) -> N
 
 
 def _resume(cwd: Path, run: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env = clean_env()
     return subprocess.Popen(
         [sys.executable, str(SRC / "train.py"), f"resume={run}", *args],
         cwd=cwd,

@@ -14,7 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import make_text, run_dirs, run_entry, tb_dir
+from tests.helpers import make_text, run_dirs, run_entry, tb_dir
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, SRC, make_text
+from tests.helpers import ROOT, SRC, clean_env, make_text
 from tests.test_e2e_ddp import ARGS
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
@@ -35,7 +35,7 @@ def free_port() -> int:
 def two_nodes(cwd: Path, launch: str, *args: str, run_id: str = "two-nodes") -> None:
     """Start node 0 and node 1 as separate process trees and wait for both."""
     port = free_port()
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env = clean_env()
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     common = ["trainer=ddp_cpu", "trainer.devices=1", "trainer.num_nodes=2", *args]
     procs = []

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest import make_text, run_entry
+from tests.helpers import make_text, run_entry
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.conftest import ROOT, SRC, make_text, run_entry
+from tests.helpers import ROOT, SRC, clean_env, make_text, run_entry, with_pythonpath
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +84,7 @@ class MarkValidation(L.Callback):
 
 
 def popen(cwd: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env = clean_env()
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])  # the probe
     return subprocess.Popen(
         [sys.executable, str(SRC / "train.py"), *args],
@@ -177,7 +177,7 @@ def test_a_checkpoint_save_past_ulimit_f_is_one_line_and_keeps_the_last_good_fil
     r = subprocess.run(
         [sys.executable, str(SRC / "train.py"), "resume=R", "trainer.max_steps=21"],
         cwd=cwd,
-        env={**os.environ, "PYTHONHASHSEED": "0"},
+        env=clean_env(),
         capture_output=True,
         text=True,
         timeout=180,
@@ -221,8 +221,10 @@ def test_sigterm_in_a_long_validation_saves_and_exits_at_once_and_resumes_exactl
     metrics = json.loads((cwd / "S" / "metrics.json").read_text())
     assert metrics["steps"] == 10 and metrics["status"] == "stopped"
 
-    probe_path = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    r = run_entry("train.py", "resume=S", "data.val_batches=2", cwd=cwd, env=probe_path)
+    probe_path = with_pythonpath(ROOT)
+    # the probe's _target_ is given again: resume= replays only plain values (docs/command-line.md)
+    args = ["resume=S", "data.val_batches=2", probe[0]]
+    r = run_entry("train.py", *args, cwd=cwd, env=probe_path)
     assert r.returncode == 0, r.stderr[-2000:]
     resumed = torch.load(cwd / "S" / "checkpoints" / "last.ckpt", weights_only=True)
     straight = torch.load(cwd / "R" / "checkpoints" / "last.ckpt", weights_only=True)

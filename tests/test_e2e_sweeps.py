@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from nanoforge import report
-from tests.conftest import SRC, make_text, read_csv, run_entry
+from tests.helpers import SRC, clean_env, make_text, read_csv, run_entry
 
 pytestmark = pytest.mark.slow
 
@@ -170,7 +169,7 @@ def test_an_optuna_study_is_kept_continued_and_shared_by_two_sweeps(workdir):
     args += ["hydra.sweeper.n_trials=1", "optim.lr=choice(0.001,0.002,0.003)", *FAST]
     first = run_entry(*args[1:], cwd=workdir, timeout=240)
     assert first.returncode == 0, first.stderr[-3000:]
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env = clean_env()
     procs = [
         subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for _ in range(2)

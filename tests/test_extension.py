@@ -19,7 +19,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nanoforge.callbacks import drop_samples_after, end_of_run
+from nanoforge.callbacks import drop_samples_after
+from nanoforge.console import end_of_run
 from nanoforge.extension import (
     BEST_AT_COOLDOWN,
     COOLDOWN_CKPT,
@@ -30,7 +31,7 @@ from nanoforge.extension import (
 )
 from nanoforge.optim import OptimConfig
 from nanoforge.training import train
-from tests.conftest import compose_run, make_text, tb_dir
+from tests.helpers import compose_run, make_text, tb_dir
 
 STEPS = 12  # wsd, cooldown_frac 0.2: the cool-down of a 12-step run begins at step 10
 

@@ -167,7 +167,12 @@ def test_eval_of_a_hf_directory_writes_eval_json_inside_it(hf_dir, tmp_path):
             "batch_size": 8,
             "output": None,
             "device": "cpu",
-            "data": {"corpus": "text", "path": str(text), "val_fraction": 0.2},
+            "data": {
+                "corpus": "text",
+                "path": str(text),
+                "val_fraction": 0.2,
+                "cache_dir": str(tmp_path / "cache"),  # not the checkout's data/cache
+            },
         }
     )
     result = evaluate(cfg, out=io.StringIO())
@@ -176,7 +181,7 @@ def test_eval_of_a_hf_directory_writes_eval_json_inside_it(hf_dir, tmp_path):
 
 
 def test_the_finetune_experiment_composes():
-    from tests.conftest import compose
+    from tests.helpers import compose
 
     cfg = compose(["experiment=finetune_gpt2", "init_from=gpt2"])
     assert cfg.model.activation == "gelu_tanh" and cfg.model.n_embd == 768
@@ -188,7 +193,7 @@ def test_finetuning_an_imported_gpt2_resumes_exactly(hf_dir, tmp_path, one_threa
     resumed from the checkpoint to 4 (dropout on); the resumed run keeps GPT-2's tokenizer."""
     from nanoforge.checkpoint import load_model
     from nanoforge.training import build
-    from tests.conftest import compose_run, make_text
+    from tests.helpers import compose_run, make_text
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(make_text(5_000, seed=3), encoding="utf-8")
@@ -387,7 +392,9 @@ def test_a_config_json_claiming_huge_sizes_is_refused_before_allocating(
     def never(*args, **kwargs):
         raise AssertionError("the model was built from an unchecked config.json")
 
-    monkeypatch.setattr(hf, "GPT", never)
+    real = hf.GPT
+    # only a model on the meta device (no memory) may be built before the sizes are checked
+    monkeypatch.setattr(hf, "GPT", lambda c: real(c) if torch.empty(0).is_meta else never())
     d = _copy(hf_dir, tmp_path / "claims")
     config = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**config, "n_positions": n_positions}))

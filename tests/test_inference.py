@@ -28,7 +28,7 @@ from nanoforge.inference import (
     generate,
 )
 from nanoforge.model import GPT, GPTConfig
-from tests.conftest import make_text
+from tests.helpers import make_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -231,7 +231,7 @@ def test_eval_other_text_and_unencodable_text(tiny_run, tmp_path):
 
 def test_generate_and_eval_work_unchanged_on_a_bpe_checkpoint(tmp_path, one_thread):
     from nanoforge.training import build
-    from tests.conftest import compose_run, make_text
+    from tests.helpers import compose_run, make_text
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(make_text(20_000, seed=4) + "東京 café\n", encoding="utf-8")

@@ -18,7 +18,7 @@ import pytest
 
 from nanoforge import io
 from nanoforge.io import STALE_TMP_SECONDS, atomic_write, atomic_write_bytes
-from tests.conftest import SRC
+from tests.helpers import SRC
 
 
 def temporaries(folder) -> list[str]:

@@ -2,7 +2,7 @@
 
 from nanoforge import machine
 from nanoforge.machine import parallel_jobs
-from tests.conftest import compose
+from tests.helpers import compose
 
 
 def test_parallel_jobs_is_one_per_gpu_else_one_per_core(monkeypatch):

@@ -23,7 +23,7 @@ from nanoforge.model import (
     reference_attention,
     rotary_tables,
 )
-from tests.conftest import CONFIGS, compose
+from tests.helpers import CONFIGS, compose
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import clean_env
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
@@ -269,7 +271,7 @@ def console_pattern(line: str) -> re.Pattern:
 
 
 def test_console_pattern_allows_other_numbers_not_other_words():
-    p = console_pattern("run finished: 2,000 steps in 1 min 37 s, 16,891 tokens/s")
+    p = console_pattern("run finished: 2,000 steps in 1m37s, 16,891 tokens/s")
     assert p.match("run finished: 2 steps in 3.1 s, 512 tokens/s")
     assert not p.match("run finished: 2 steps in 3.1 s, 512 words/s")
 
@@ -285,7 +287,7 @@ def readme_console() -> list[str]:
 def test_tutorial_commands_run_and_print_what_the_readme_shows(tmp_path):
     """Every command of the README's ``bash`` blocks, in order, in an empty folder: training
     with the tiny model for two steps, the rest as written. One process per entry point."""
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env = clean_env()
     env.pop("HYDRA_FULL_ERROR", None)
     ran, seen = [], []
     for argv in tutorial_commands():

@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from nanoforge import report
-from tests.conftest import read_csv
+from tests.helpers import read_csv
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -55,18 +55,21 @@ def test_report_rows_for_ok_failed_diverged_and_unfinished_jobs(tmp_path):
     fake_job(sweep, 2, ["model=medium", "seed=1"], metrics(float("nan"), 10_000_000))
     fake_job(sweep, 3, ["model=gpt2", "seed=1"])  # killed: nothing but Hydra's files
     fake_job(sweep, 10, ["model=small", "seed=1"], metrics(2.0, 800_000), {"status": "ok"})
+    # JSON, but not an object: the job did not finish as far as the report can tell
+    fake_job(sweep, 11, ["model=tiny", "seed=1"], [1, 2], ["ok"])
 
     paths = report.write_report(sweep)
 
     rows = read_csv(paths["csv"])
-    assert [r["job"] for r in rows] == ["0", "1", "2", "3", "10"]  # numeric order
-    assert [r["status"] for r in rows] == ["ok", "failed", "failed", "unfinished", "ok"]
+    assert [r["job"] for r in rows] == ["0", "1", "2", "3", "10", "11"]  # numeric order
+    statuses = ["ok", "failed", "failed", "unfinished", "ok", "unfinished"]
+    assert [r["status"] for r in rows] == statuses
     assert float(rows[0]["val_loss"]) == 2.5 and int(rows[4]["num_params"]) == 800_000
     assert rows[1]["note"] == "UserError: x"
     assert "diverged" in rows[2]["note"] and "killed" in rows[3]["note"]
     assert rows[0]["overrides"] == "model=tiny seed=1" and rows[0]["dir"] == "0"
     md = paths["md"].read_text()
-    assert "5 jobs: 2 ok, 2 failed, 1 unfinished." in md
+    assert "6 jobs: 2 ok, 2 failed, 2 unfinished." in md
     assert "Overrides shared by every job: `seed=1`" in md
     assert "| 0 | `model=tiny` | ok | 100.00k | 20 | 7.68k | 2.5000 | 2.5000 |" in md
     assert "| 1 | `model=small` | **failed**: UserError: x |" in md
@@ -116,3 +119,29 @@ def test_the_plot_puts_final_loss_against_what_the_sweep_varied(tmp_path):
     panels = dict(report._panels(two_keys))
     assert panels == {"tokenizer": ["char", "bpe"], "optim.lr": [1e-3, 3e-3]}
     assert report.plot(two_keys).startswith(PNG_MAGIC)
+
+
+def test_a_sweep_ends_with_one_block_naming_the_best_job(tmp_path, monkeypatch):
+    """Each job printed its own four-command block; the sweep now ends with one."""
+    monkeypatch.chdir(tmp_path)
+    sweep = tmp_path / "logs" / "train" / "multiruns" / "s"
+    fake_job(sweep, 0, ["model=tiny", "optim.lr=1e-3"], metrics(2.5, 100), {"status": "ok"})
+    fake_job(sweep, 1, ["model=tiny", "optim.lr=3e-3"], metrics(2.1, 100), {"status": "ok"})
+    fake_job(sweep, 2, ["model=tiny", "optim.lr=1e-2"], None, {"status": "failed", "error": "x"})
+    text = report.end_of_sweep(report.collect(sweep), sweep)
+    assert text.splitlines() == [
+        "sweep finished: 3 jobs, 2 ok",
+        "  best      job 1: optim.lr=3e-3  val/loss 2.1000",
+        "  report    logs/train/multiruns/s/report.md (+ .csv, .png)",
+        "next:",
+        "  python src/generate.py ckpt=logs/train/multiruns/s/1",
+        "  tensorboard --logdir logs/train/multiruns/s",
+    ]
+
+
+def test_a_sweep_job_ends_without_its_own_next_commands(tmp_path):
+    from nanoforge.console import end_of_run
+
+    summary = {"status": "finished", "steps": 10, "wall_seconds": 3.0, "val/loss": 2.0}
+    text = end_of_run(summary, tmp_path, "THESEUS:", next_steps=False)
+    assert "next:" not in text and "tensorboard" not in text and "run dir" in text

@@ -22,7 +22,7 @@ import uvicorn
 from nanoforge.model import GPT, GPTConfig
 from nanoforge.serving_app import create_app
 from nanoforge.tokenizer import CharTokenizer
-from tests.conftest import SRC, compose
+from tests.helpers import SRC, compose
 
 TOK = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ:\n.,!")
 NAME = "tiny"
@@ -306,7 +306,7 @@ def test_sigterm_ends_streams_and_exits_0(ckpt, tmp_path):
 
 @pytest.mark.slow
 def test_serve_py_port_in_use_and_missing_checkpoint_are_one_line_exit_2(ckpt, tmp_path):
-    from tests.conftest import run_entry
+    from tests.helpers import run_entry
 
     # not an empty folder: hydra_setup.run removes an empty run directory after a user error,
     # and serve.py's run directory is the current one

@@ -20,7 +20,7 @@ from nanoforge.corpora import open_corpus
 from nanoforge.data import RandomWindows
 from nanoforge.errors import UserError
 from nanoforge.tokenizer import BPETokenizer, CharTokenizer
-from tests.conftest import make_text
+from tests.helpers import make_text
 
 
 @pytest.fixture
@@ -232,6 +232,7 @@ def test_ctrl_c_or_a_full_disk_while_preparing_is_one_line_and_leaves_nothing(
             yield item
 
     monkeypatch.setattr(documents, "BLOCK", 1000)  # many pieces
+    monkeypatch.setattr(shards, "CHAR_BATCH_CHARS", 1000)  # encoded a few at a time
     monkeypatch.setattr(shards, "encode_stream", interrupted)
     cache = tmp_path / "cache"
     match = "interrupted .*nothing was kept" if fault == "ctrl-c" else "the disk is full"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from nanoforge import slurm
-from tests.conftest import ROOT, read_csv, run_entry
+from tests.helpers import ROOT, clean_env, read_csv, run_entry, with_pythonpath
 
 
 @pytest.mark.parametrize(
@@ -79,7 +79,7 @@ ARGS = [
 
 
 def _env():
-    return {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return with_pythonpath(ROOT)
 
 
 def _weights(ckpt: Path) -> dict:
@@ -145,7 +145,7 @@ def test_preempted_job_is_requeued_and_ends_with_the_same_weights(tmp_path):
         "+callbacks.pace.seconds=0.3",
     ]
     cmd = ["python", str(ROOT / "src" / "train.py"), "hydra/launcher=slurm", *ARGS, *probe]
-    env = {**os.environ, **_env()}
+    env = clean_env(_env())
     p = subprocess.Popen(
         cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

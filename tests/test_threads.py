@@ -14,7 +14,7 @@ import torch
 
 from nanoforge import threads
 from nanoforge.errors import UserError
-from tests.conftest import SRC, run_python
+from tests.helpers import SRC, run_python
 
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5, "two", True])

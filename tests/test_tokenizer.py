@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from nanoforge.errors import UserError
 from nanoforge.tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_state
-from tests.conftest import ROOT, make_text
+from tests.helpers import ROOT, make_text
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
 

@@ -147,7 +147,7 @@ def test_a_bpe_run_saves_its_tokenizer_as_plain_data_and_learns_from_train_only(
     weights_only=True and rebuilds the same BPE tokenizer."""
     from nanoforge.checkpoint import load_model
     from nanoforge.tokenizer import BPETokenizer
-    from tests.conftest import make_text
+    from tests.helpers import make_text
 
     # the last 10% (validation) is one word never seen in training, repeated
     train_text = make_text(18_000, seed=5)
@@ -174,13 +174,19 @@ def test_a_bpe_run_saves_its_tokenizer_as_plain_data_and_learns_from_train_only(
     assert loaded == tok
 
 
-def test_exact_resume_with_a_bpe_tokenizer(tmp_path, one_thread):
-    """6 steps straight == 3 steps, then resumed from the checkpoint to 6 (tokenizer=bpe,
-    dropout on): same weights, and the resumed run reuses the token file."""
-    from tests.conftest import compose_run, make_text
+def test_exact_resume_with_a_bpe_tokenizer_on_jsonl_documents(tmp_path, one_thread):
+    """6 steps straight == 3 steps, then resumed from the checkpoint to 6 (tokenizer=bpe on
+    JSON Lines documents, each ending with <|endoftext|>; dropout on): same weights, and the
+    resumed run reuses the token file."""
+    import json
 
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(make_text(20_000, seed=9), encoding="utf-8")
+    import numpy as np
+
+    from tests.helpers import compose_run, make_text
+
+    corpus = tmp_path / "docs.jsonl"
+    docs = [make_text(1000, seed=i) for i in range(20)]
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
 
     def run(name: str, steps: int, *extra: str):
         cfg = compose_run(
@@ -207,9 +213,27 @@ def test_exact_resume_with_a_bpe_tokenizer(tmp_path, one_thread):
     mtime = bins[0].stat().st_mtime_ns
     resumed = run("resumed", 6, f"ckpt_path={half / 'checkpoints' / 'last.ckpt'}")
     assert len(bins) == 1 and bins[0].stat().st_mtime_ns == mtime  # prepared once
+    assert (np.fromfile(bins[0], np.uint16) == 299).sum() == len(docs)  # one EOT a document
     a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
     b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["global_step"] == b["global_step"] == 6
     assert a["hyper_parameters"]["tokenizer"] == b["hyper_parameters"]["tokenizer"]
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
+
+
+def test_the_end_of_run_eval_hint_names_a_corpus_outside_the_data_folder(tmp_path):
+    from types import SimpleNamespace
+
+    from nanoforge.training import _eval_data
+
+    data_dir = tmp_path / "data"
+    (data_dir).mkdir()
+    inside, outside = data_dir / "a.txt", tmp_path / "my corpus.txt"
+
+    def dm(path):
+        return SimpleNamespace(hparams={"path": str(path) if path else None}, corpus="text")
+
+    assert _eval_data(dm(None), str(data_dir)) == ""  # a built-in corpus
+    assert _eval_data(dm(inside), str(data_dir)) == ""  # followed from the checkpoint
+    assert _eval_data(dm(outside), str(data_dir)) == f"data=text data.path='{outside}'"

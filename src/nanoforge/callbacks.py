@@ -30,7 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from nanoforge import threads
 from nanoforge.errors import NonFiniteLossError, UserError
-from nanoforge.extension import BEST_AT_COOLDOWN, COOLDOWN_CKPT, describe, extension_overrides
+from nanoforge.extension import BEST_AT_COOLDOWN, COOLDOWN_CKPT, describe
 from nanoforge.io import atomic_write_bytes
 from nanoforge.optim import cooldown_start
 
@@ -74,6 +74,9 @@ class TextSamples(L.Callback):
             drop_samples_after(self.output_dir / "samples.txt", trainer.global_step)
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        if self.prompt == "\n" and pl_module.tokenizer.unknown_chars("\n"):
+            # the default prompt, on a corpus with no line break: start from a token it has
+            self.prompt = pl_module.tokenizer.decode([0])
         unknown = pl_module.tokenizer.unknown_chars(self.prompt)
         if unknown or not self.prompt:
             raise UserError(
@@ -403,63 +406,6 @@ class RunSummary(L.Callback):
             self._write(trainer, pl_module, "stopped")
         elif isinstance(exception, UserError):  # NaN loss, full disk: say so in the record
             self._write(trainer, pl_module, "failed", str(exception))
-
-
-def _shown(path: str | os.PathLike) -> str:
-    """``path`` relative to the working directory when it lies below it (shorter to copy)."""
-    p = Path(path).resolve()
-    try:
-        return str(p.relative_to(Path.cwd()))
-    except ValueError:
-        return str(p)
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    if hours:
-        return f"{hours} h {minutes} min"
-    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
-
-
-def end_of_run(summary: dict, run_dir: str | os.PathLike) -> str:
-    """The lines a run ends with: how it ended, its losses, where it went, what to run next."""
-
-    def fmt(key: str) -> str:
-        value = summary.get(key)
-        return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else "—"
-
-    run = _shown(run_dir)
-    tokens = summary.get("train_tokens_per_sec") or 0
-    losses = "  ".join(  # val/bpc only where a token is a character
-        f"{k} {fmt(k)}" for k in ("val/loss", "val/bpc", "val/bpb") if k != "val/bpc" or
-        fmt(k) != "—"
-    )  # fmt: skip
-    lines = [
-        f"run {summary['status']}: {summary['steps']:,} steps in "
-        f"{_duration(summary['wall_seconds'])}, {tokens:,.0f} tokens/s",
-        f"  {losses}  "
-        f"(best val/loss {fmt('best/val/loss')} at step {summary.get('best/step') or '—'})",
-        f"  run dir   {run}",
-    ]
-    if summary.get("best/checkpoint"):
-        lines.append(f"  best      {_shown(summary['best/checkpoint'])}")
-    lines += [
-        "next:",
-        f'  python src/generate.py ckpt={run} prompt="ROMEO:"',
-        f"  python src/eval.py ckpt={run}",
-        f"  python src/train.py resume={run}"
-        + (" " + " ".join(extend(summary)) if summary["status"] == "finished" else ""),
-        f"  tensorboard --logdir {run}",
-    ]
-    return "\n".join(lines)
-
-
-def extend(summary: dict) -> list[str]:
-    """The overrides after ``resume=RUN`` that extend a finished run to twice its steps, as
-    if it had been planned that long (``nanoforge.extension.extension_overrides``)."""
-    schedule = summary.get("schedule") or {"name": "wsd"}
-    return extension_overrides(schedule, summary["steps"])
 
 
 class ValidateAtEnd(L.Callback):

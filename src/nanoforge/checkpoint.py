@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from nanoforge.errors import UserError
-from nanoforge.model import GPT, GPTConfig, check_weights_fit
+from nanoforge.model import GPT, GPTConfig
 from nanoforge.runs import latest_run, say_last
 from nanoforge.tokenizer import same_tokenizer, tokenizer_from_state
 
@@ -74,6 +74,24 @@ def load_raw(path: Path, map_location="cpu") -> dict:
     if not isinstance(ckpt, dict):
         raise UserError(f"{str(path)!r} is not a nanoforge checkpoint (no dict inside)")
     return ckpt
+
+
+def check_weights_fit(config: GPTConfig, state: dict, where: str) -> None:
+    """Refuse, before the model is built, weights whose shapes disagree with ``config``: the
+    config is data from a file, and only the weights beside it show the real sizes (a few-kB
+    checkpoint claiming ``block_size=4e9`` must not make ``GPT`` allocate for it). The
+    expected shapes come from a model on the meta device, which holds no memory."""
+    with torch.device("meta"):
+        expected = GPT(config).state_dict()
+    for name, shape in expected.items():
+        tensor = state.get(name)
+        if tensor is None:
+            raise UserError(f"{where}: the weights lack {name}, which its model config needs")
+        if tuple(tensor.shape) != tuple(shape.shape):
+            raise UserError(
+                f"{where}: tensor {name} has shape {tuple(tensor.shape)}, but the model config "
+                f"stored with it implies {tuple(shape.shape)}: the config and the weights disagree"
+            )
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
@@ -194,3 +212,15 @@ def check_resumable(
             f"text, start a new run from them: python src/train.py init_from={p} data.path=FILE"
         )
     return ckpt.get("global_step")
+
+
+def eval_json_path(cfg, ckpt_path: Path) -> Path:
+    """Where eval.json goes: ``output=``, else the checkpoint's run directory (inside a
+    Hugging Face directory)."""
+    if cfg.get("output"):
+        return Path(cfg.output)
+    if ckpt_path.is_dir():  # a Hugging Face model directory: eval.json goes inside it
+        return ckpt_path / "eval.json"
+    if ckpt_path.parent.name == "checkpoints":
+        return ckpt_path.parent.parent / "eval.json"
+    return ckpt_path.parent / "eval.json"

@@ -64,7 +64,8 @@ def check_command_line(argv: list[str], config_name: str) -> list[str]:
     words = [a for a in args if not a.startswith("-")]
     if not words:  # nothing to check: Hydra composes the defaults itself
         return argv
-    parsed = [_parse(word) for word in words]
+    sweep = any(f in ("-m", "--multirun") for f in flags) or "hydra.mode=MULTIRUN" in words
+    parsed = [_parse(word, sweep) for word in words]
     words = [word for _, word in parsed]
     overrides = [override for override, _ in parsed]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -80,18 +81,19 @@ def check_command_line(argv: list[str], config_name: str) -> list[str]:
     return [argv[0], *flags, *words]
 
 
-def _quoted(word: str) -> str | None:
+def _quoted(word: str, sweep: bool = False) -> str | None:
     """``key=value`` with the value quoted for Hydra's grammar, which reads only ASCII (and
-    none of ``()[]{},='"``) unquoted: ``prompt=“Ω”`` becomes ``prompt="“Ω”"``. None when the
-    value holds both kinds of quote."""
+    none of ``()[]{},='"``) unquoted: ``prompt=“Ω”`` becomes ``prompt="“Ω”"``. In a sweep
+    (``-m``), each comma-separated value is quoted on its own, so the commas still sweep:
+    ``tag=x,Ω`` becomes ``tag="x","Ω"``. None when a value holds both kinds of quote."""
     key, _, value = word.partition("=")
-    for quote in ('"', "'"):
-        if quote not in value:
-            return f"{key}={quote}{value}{quote}"
-    return None
+    split = sweep and not set(value) & set("[]{}()")  # a list or a function is one value
+    values = value.split(",") if split else [value]
+    quoted = [next((f"{q}{v}{q}" for q in ('"', "'") if q not in v), None) for v in values]
+    return None if None in quoted else f"{key}={','.join(quoted)}"
 
 
-def _parse(word: str):
+def _parse(word: str, sweep: bool = False):
     """(Hydra's parsed override, the word as Hydra should get it), or exit 2."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -102,14 +104,18 @@ def _parse(word: str):
     try:
         return parser.parse_override(word), word
     except HydraException:  # OverrideParseException, or the lexer's token error
-        quoted = _quoted(word)
-    try:  # a pasted value (curly quotes, em-dash, Ω) works as the string it is
-        return parser.parse_override(quoted or ""), quoted
-    except HydraException:
-        fail(
-            f"{word}: Hydra cannot read this value; quote it for Hydra inside shell quotes, "
-            f"e.g. '{ov.key(word)}=\"...\"' (a value with both kinds of quote needs \\' escapes)"
-        )
+        pass
+    # a pasted value (curly quotes, em-dash, Ω) works as the string it is; in a sweep, as the
+    # values its commas separate (then, should that not parse, as one string)
+    for quoted in dict.fromkeys([_quoted(word, sweep), _quoted(word)]):
+        try:
+            return parser.parse_override(quoted or ""), quoted
+        except HydraException:
+            continue
+    fail(
+        f"{word}: Hydra cannot read this value; quote it for Hydra inside shell quotes, "
+        f"e.g. '{ov.key(word)}=\"...\"' (a value with both kinds of quote needs \\' escapes)"
+    )
 
 
 def _check_choices(loader, override, word: str) -> str | None:
@@ -163,18 +169,14 @@ def _compose(config_name: str, words: list[str]) -> DictConfig:
         fail(f"{key} is not a config key: {hint}(to add a new key: +{bad.lstrip('+~')})")
 
 
-ENTRY_POINTS = ("train", "generate", "eval", "export", "prepare")
+ENTRY_POINTS = ("train", "generate", "eval", "export", "prepare", "serve")
 # a key of another entry point, given to this one: what this one takes instead
 _INSTEAD = {
-    ("init_from", "generate"): "ckpt",
-    ("init_from", "eval"): "ckpt",
-    ("init_from", "export"): "ckpt",
-    ("resume", "generate"): "ckpt",
-    ("resume", "eval"): "ckpt",
-    ("resume", "export"): "ckpt",
-    ("ckpt_path", "generate"): "ckpt",
-    ("ckpt_path", "eval"): "ckpt",
-    ("ckpt_path", "export"): "ckpt",
+    **{
+        (key, entry): "ckpt"
+        for key in ("init_from", "resume", "ckpt_path")
+        for entry in ("generate", "eval", "export", "serve")
+    },
     ("ckpt", "train"): "init_from (a new run from its weights) or resume (continue that run)",
 }
 
@@ -231,7 +233,7 @@ def expand_resume(argv: list[str]) -> list[str]:
     run, same samples.txt, same metrics.json. ``resume=last`` is the most recent run under
     ``logs/`` that has a ``last.ckpt``.
     """
-    from nanoforge.runs import latest_run, say_last
+    from nanoforge.runs import RESUME_OVERRIDES, latest_run, say_last
 
     resume = [a for a in argv[1:] if a.startswith("resume=")]
     if not resume:
@@ -257,7 +259,7 @@ def expand_resume(argv: list[str]) -> list[str]:
         )
     new = [a for a in argv[1:] if not a.startswith("resume=")]
     new_keys = {ov.key(a) for a in new if "=" in a}
-    dropped = {"ckpt_path", "hydra.run.dir", "overwrite", "init_from"}
+    dropped = {*RESUME_OVERRIDES, "overwrite", "init_from"}
     # as written: an override like +x=${paths.output_dir} is replayed, not resolved here
     recorded = _recorded(overrides_file)
     replay = [o for o in recorded if ov.key(o) not in new_keys | dropped]

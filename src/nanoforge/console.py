@@ -16,12 +16,17 @@ progress, the stop reason and the summary. The resolved config is saved in
   file would fill with carriage returns), where the per-validation lines carry the progress.
 - :class:`ProgressLog` writes those lines, plain ``key=value`` for scripts and grep:
   ``step 500/2000: val/loss=1.9021 val/bpc=2.7441 train/loss=1.8876 (3.10 steps/s, ETA 8m04s)``.
+- :func:`end_of_run` is the block a run ends with (durations as the ETA writes them,
+  ``7m53s``), its ``generate`` hint prompting with the start of the run's own corpus.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import re
+import shlex
 import sys
 import time
 import warnings
@@ -30,6 +35,9 @@ import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities import rank_zero_only
+
+from nanoforge.extension import extension_overrides
+from nanoforge.io import shown
 
 log = logging.getLogger("nanoforge")
 
@@ -66,8 +74,19 @@ class ConsoleHandler(logging.StreamHandler):
 
 
 class _NoAdverts(logging.Filter):
+    """Lightning's lines nobody acts on: its "💡 Tip" adverts, "TPU available: False" on a
+    machine without one (the GPU line stays: it says which device trains), and its two lines
+    about restoring a checkpoint (a resume is one line of ours: "resuming from ... at step N")."""
+
+    DROPPED = (
+        "💡 Tip",
+        "TPU available: False",
+        "Restoring states from the checkpoint path at ",
+        "Restored all states from the checkpoint at ",
+    )
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip")
+        return not str(record.msg).startswith(self.DROPPED)
 
 
 def quiet_libraries() -> None:
@@ -109,6 +128,69 @@ def _duration(seconds: float) -> str:
     return f"{seconds}s"
 
 
+def end_of_run(
+    summary: dict,
+    run_dir: str | os.PathLike,
+    prompt: str | None = None,
+    next_steps: bool = True,
+    eval_data: str = "",
+) -> str:
+    """The lines a run ends with: how it ended, its losses, where it went, what to run next
+    (sampling with ``prompt``, the start of the run's own corpus: :func:`corpus_prompt`). A
+    sweep's job leaves out what to run next: the sweep ends with one such block for all its
+    jobs (``nanoforge.report.end_of_sweep``). ``eval_data``: the ``data=...`` overrides
+    ``eval.py`` needs (a corpus outside the data folder is not followed from the checkpoint)."""
+
+    def fmt(key: str) -> str:
+        value = summary.get(key)
+        return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else "—"
+
+    run = shown(run_dir)
+    tokens = summary.get("train_tokens_per_sec") or 0
+    losses = "  ".join(  # val/bpc only where a token is a character
+        f"{k} {fmt(k)}" for k in ("val/loss", "val/bpc", "val/bpb") if k != "val/bpc" or
+        fmt(k) != "—"
+    )  # fmt: skip
+    lines = [
+        f"run {summary['status']}: {summary['steps']:,} steps in "
+        f"{_duration(summary['wall_seconds'])}, {tokens:,.0f} tokens/s",
+        f"  {losses}  "
+        f"(best val/loss {fmt('best/val/loss')} at step {summary.get('best/step') or '—'})",
+        f"  run dir   {run}",
+    ]
+    if summary.get("best/checkpoint"):
+        lines.append(f"  best      {shown(summary['best/checkpoint'])}")
+    if not next_steps:
+        return "\n".join(lines)
+    lines += [
+        "next:",
+        f"  python src/generate.py ckpt={run}"
+        + (f" prompt={shlex.quote(prompt)}" if prompt else ""),
+        f"  python src/eval.py ckpt={run}" + (f" {eval_data}" if eval_data else ""),
+        f"  python src/train.py resume={run}"
+        + (" " + " ".join(extend(summary)) if summary["status"] == "finished" else ""),
+        f"  tensorboard --logdir {run}",
+    ]
+    return "\n".join(lines)
+
+
+def extend(summary: dict) -> list[str]:
+    """The overrides after ``resume=RUN`` that extend a finished run to twice its steps, as
+    if it had been planned that long (``nanoforge.extension.extension_overrides``)."""
+    schedule = summary.get("schedule") or {"name": "wsd"}
+    return extension_overrides(schedule, summary["steps"])
+
+
+def corpus_prompt(text: str, limit: int = 30) -> str | None:
+    """A prompt for the end-of-run ``generate`` hint from the start of the training text: its
+    first non-blank line (``THESEUS:`` for the plays, ``import os`` for Python code), or that
+    line's first word when the line is long. None when there is no usable text."""
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if len(first) > limit or ("'" in first and '"' in first):
+        first = first.split()[0][:limit].strip("'\"") if first else ""
+    return first or None
+
+
 class StepProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar counting optimizer steps of the whole run: ``750/2000`` on a run
     resumed at step 750, its speed and ETA from the steps this process ran (tqdm's
@@ -129,9 +211,10 @@ class StepProgressBar(TQDMProgressBar):
         super().on_train_start(trainer)
         self._count_steps(trainer)
 
-    def on_train_epoch_start(self, trainer, *_) -> None:  # not called on a mid-epoch resume
-        super().on_train_epoch_start(trainer)
-        self._count_steps(trainer)
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        """Nothing: one bar counts the steps of the whole run. (Lightning's own makes a new bar
+        per epoch, which left the first one frozen at ``train: 0%`` above the validation
+        lines.)"""
 
     def _count_steps(self, trainer) -> None:
         if self.is_disabled:

@@ -13,13 +13,16 @@ imported; ``python src/eval.py ckpt=RUN tasks=...`` imports it for you):
   context (the harness's windowing), for perplexity tasks.
 - ``generate_until``: our KV-cached sampler, stopped at the first stop string.
 
-A text with no context is scored after the *prefix token*: ``<|endoftext|>`` where the
-vocabulary has it, else the newline (character and our BPE vocabularies have no special
-tokens); ``export.py`` declares the same token as BOS/EOS, so the ``hf`` backend on an export
+A text with no context is scored after the *boundary token*
+(``nanoforge.tokenizer.boundary_token``): ``<|endoftext|>`` where the vocabulary has it
+(GPT-2's, every BPE learned here), else the newline (a character vocabulary has no special
+token); ``export.py`` declares the same token as BOS/EOS, so the ``hf`` backend on an export
 scores identically.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +58,7 @@ class NanoforgeLM(TemplateLM):
     ) -> None:
         super().__init__()
         self.quiet = quiet  # no progress bars (scores during training)
-        from nanoforge.inference import pick_device
+        from nanoforge.machine import pick_device
 
         self._device = pick_device(device or "auto")
         if model is None:
@@ -64,7 +67,14 @@ class NanoforgeLM(TemplateLM):
             if not ckpt:
                 raise UserError("the nanoforge model needs a checkpoint: --model_args ckpt=RUN")
             model, tokenizer, _ = load_model(ckpt, self._device)
-        if dtype != "float32":
+        from nanoforge.inference import check_decode_dtype
+
+        check_decode_dtype(dtype, self._device)  # float32, bfloat16, int8 (CPU)
+        if dtype == "int8":  # weight-only int8 Linears, bfloat16 activations (nanoforge.int8)
+            from nanoforge.int8 import quantize_int8_
+
+            model = quantize_int8_(model)
+        elif dtype != "float32":
             model = model.to(getattr(torch, dtype))
         self.model = model.to(self._device).eval()
         self.tok = tokenizer
@@ -252,7 +262,7 @@ def task_manager(names: list[str], tasks_path: str | None):
     return manager
 
 
-def evaluate_tasks(cfg, out) -> dict:
+def evaluate_tasks(cfg, out=sys.stdout) -> dict:
     """``eval.py ckpt=RUN tasks=...``: the harness's tasks on a checkpoint; a table on the
     console and the harness's metrics under ``tasks`` in eval.json."""
     import json
@@ -261,10 +271,11 @@ def evaluate_tasks(cfg, out) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.utils import make_table
 
-    from nanoforge.checkpoint import resolve_checkpoint
-    from nanoforge.inference import eval_json_path
+    from nanoforge.checkpoint import eval_json_path, resolve_checkpoint
     from nanoforge.io import atomic_write_bytes, read_json
+    from nanoforge.threads import apply
 
+    apply(cfg.get("threads"))
     names = task_names(cfg.tasks)
     limit = cfg.get("limit")
     if limit is not None and not (isinstance(limit, int | float) and limit > 0):
@@ -311,4 +322,10 @@ if __name__ == "__main__":  # the harness's own command line, with the nanoforge
     # python -m nanoforge.harness run --model nanoforge --model_args ckpt=RUN --tasks hellaswag
     from lm_eval.__main__ import cli_evaluate
 
-    cli_evaluate()
+    if "run" in sys.argv[1:2] and not any(a.startswith("--device") for a in sys.argv):
+        sys.argv += ["--device", "auto"]  # the harness's default is cuda:0, GPU or not
+    try:
+        cli_evaluate()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from nanoforge.errors import UserError
-from nanoforge.model import GPT, GPTConfig, check_weights_fit
+from nanoforge.model import GPT, GPTConfig
 from nanoforge.tokenizer import BPETokenizer, CharTokenizer, boundary_token
 
 # GPT-2's activation names in config.json -> ours
@@ -124,12 +124,40 @@ def load_hf_dir(path: str | os.PathLike):
     """(GPT in eval mode, BPETokenizer, checkpoint-like dict) from a Hugging Face GPT-2 dir."""
     d = Path(path).expanduser()
     where = repr(str(d))
+    hf = _read_config(d, where)
+    weights = _weights_file(d, where)
+    config = config_from_hf(hf, where)
+    tokenizer = _read_tokenizer(d)
+    tensors = _read_tensors(weights)
+    expected, transposed = _tensor_names(config)
+    _check_names(tensors, expected, config, weights)
+    state = _our_state(config, tensors, expected, transposed, weights)
+    model = GPT(config)
+    model.load_state_dict(state)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UserError(
+            f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but config.json's "
+            f"vocab_size is {config.vocab_size}"
+        )
+    ckpt = {
+        "hyper_parameters": {"model": config.to_dict(), "tokenizer": tokenizer.state_dict()},
+        "source": "huggingface",
+    }
+    return model.eval(), tokenizer, ckpt
+
+
+def _read_config(d: Path, where: str) -> dict:
     try:
         hf = json.loads((d / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"{where}: config.json is unreadable ({e})") from None
     if not isinstance(hf, dict):
         raise UserError(f"{where}: config.json is not a JSON object")
+    return hf
+
+
+def _weights_file(d: Path, where: str) -> Path:
+    """``model.safetensors``; pickled weights are refused (loading them can run code)."""
     weights = d / "model.safetensors"
     if not weights.is_file():
         pickled = [n for n in ("pytorch_model.bin", "tf_model.h5") if (d / n).exists()]
@@ -140,8 +168,10 @@ def load_hf_dir(path: str | os.PathLike):
             else ""
         )
         raise UserError(f"{where} has no model.safetensors{extra}")
-    config = config_from_hf(hf, where)
-    tokenizer = _read_tokenizer(d)
+    return weights
+
+
+def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -150,7 +180,11 @@ def load_hf_dir(path: str | os.PathLike):
     except (SafetensorError, OSError) as e:
         raise UserError(f"{str(weights)!r} is not a readable safetensors file ({e})") from None
     # save_pretrained writes "transformer.h.0..."; OpenAI's original upload has "h.0..."
-    tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    return {k.removeprefix("transformer."): v for k, v in tensors.items()}
+
+
+def _tensor_names(config: GPTConfig) -> tuple[dict[str, str], set[str]]:
+    """Our state-dict name -> GPT-2's, and which of ours are GPT-2's Conv1D (transposed)."""
     expected = {"wte.weight": "wte.weight", "wpe.weight": "wpe.weight"}
     expected |= {"ln_f.weight": "ln_f.weight", "ln_f.bias": "ln_f.bias"}
     if not config.tie_head:
@@ -161,6 +195,11 @@ def load_hf_dir(path: str | os.PathLike):
             expected[f"blocks.{i}.{ours}"] = f"h.{i}.{theirs}"
             if conv:
                 transposed.add(f"blocks.{i}.{ours}")
+    return expected, transposed
+
+
+def _check_names(tensors: dict, expected: dict[str, str], config: GPTConfig, weights: Path):
+    """Every tensor config.json implies is there and no tensor is left over."""
     missing = sorted(theirs for theirs in expected.values() if theirs not in tensors)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -178,16 +217,14 @@ def load_hf_dir(path: str | os.PathLike):
             f"{str(weights)!r} holds tensor(s) {', '.join(unknown[:5])} that no GPT-2 with "
             f"config.json's {config.n_layer} layers has: a mismatched directory"
         )
-    # the sizes config.json claims, against the tensors, before GPT() allocates for them
-    sizes = {k: tensors[v] for k, v in expected.items() if k in ("wte.weight", "wpe.weight")}
-    sizes |= {k: tensors[expected[k]] for k in ("lm_head.weight",) if k in expected}
-    sizes |= {
-        f"blocks.{i}.attn.c_attn.weight": tensors[f"h.{i}.attn.c_attn.weight"].t()
-        for i in range(config.n_layer)
-    }
-    check_weights_fit(config, sizes, where)
-    model = GPT(config)
-    state = model.state_dict()
+
+
+def _our_state(config: GPTConfig, tensors: dict, expected: dict, transposed: set, weights: Path):
+    """GPT-2's tensors under our names, transposed where GPT-2 used Conv1D; every shape is
+    checked against the one config.json implies before anything is allocated for it."""
+    # the shapes config.json implies, from a model on the meta device (no memory)
+    with torch.device("meta"):
+        state = GPT(config).state_dict()
     new_state = {}
     for ours, theirs in expected.items():
         t = tensors[theirs]
@@ -202,17 +239,7 @@ def load_hf_dir(path: str | os.PathLike):
         new_state[ours] = t.to(torch.float32)
     if config.tie_head:
         new_state["lm_head.weight"] = new_state["wte.weight"]
-    model.load_state_dict(new_state)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise UserError(
-            f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but config.json's "
-            f"vocab_size is {config.vocab_size}"
-        )
-    ckpt = {
-        "hyper_parameters": {"model": config.to_dict(), "tokenizer": tokenizer.state_dict()},
-        "source": "huggingface",
-    }
-    return model.eval(), tokenizer, ckpt
+    return new_state
 
 
 # --------------------------------------------------------------------------- export
@@ -292,8 +319,8 @@ def hf_files(model: GPT, tokenizer) -> dict[str, bytes]:
         tok_json = tokenizer.to_hf_json()
     from tokenizers import Tokenizer
 
-    # BOS/EOS: GPT-2's end-of-text token where the vocabulary has one, else the newline (our
-    # vocabularies reserve no special token): the token lm-evaluation-harness puts before a
+    # BOS/EOS: <|endoftext|> where the vocabulary has it, else the newline (a character
+    # vocabulary reserves no special token): the token lm-evaluation-harness puts before a
     # text with no context, the same one nanoforge's own adapter uses (nanoforge.harness)
     eos = boundary_token(tokenizer)
     config["bos_token_id"] = config["eos_token_id"] = eos

@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from nanoforge import threads
-from nanoforge.checkpoint import load_model, recorded_data, resolve_checkpoint
+from nanoforge.checkpoint import eval_json_path, load_model, recorded_data, resolve_checkpoint
+from nanoforge.corpora import corpus_outside
 from nanoforge.errors import UserError
 from nanoforge.io import atomic_write_bytes, read_json
+from nanoforge.machine import pick_device
 from nanoforge.sampling import check_sampling_args
 
 # the keys of `data=...` that choose which text is scored (eval.py data=text data.path=FILE)
@@ -30,31 +32,6 @@ DATA_SOURCE_KEYS = (
     "config",
     "split",
 )
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(
-            f"device={name!r} is not a device: use auto, cpu, cuda, cuda:N or mps"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            f"device={name} but torch {torch.__version__} sees no CUDA GPU: use device=cpu "
-            "(or auto), or install a CUDA build of torch (README: GPU machines)"
-        )
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"device={name}: this machine has {torch.cuda.device_count()} GPU(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("device=mps but this machine has no MPS: use device=cpu (or auto)")
-    return device
 
 
 # --------------------------------------------------------------------------- generation
@@ -202,14 +179,6 @@ def evaluate_ids(
     return {**result, "tokens": count}
 
 
-def _inside(path: str, folder: Path) -> bool:
-    try:
-        Path(path).expanduser().resolve().relative_to(folder.resolve())
-    except (ValueError, OSError, RuntimeError):
-        return False
-    return True
-
-
 def evaluation_data(
     ckpt: dict,
     data_cfg: DictConfig | None,
@@ -234,7 +203,7 @@ def evaluation_data(
         )
     data_dir = Path(data_dir)
     path = recorded.get("path")
-    if "path" not in chosen and path and not _inside(str(path), data_dir):
+    if "path" not in chosen and path and corpus_outside(str(path), data_dir):
         corpus = recorded.get("corpus", "text")
         raise UserError(
             f"the checkpoint was trained on {path}, outside this checkout's data folder "
@@ -248,28 +217,12 @@ def evaluation_data(
     return TextDataModule(**args, tokenizer=tokenizer)
 
 
-def eval_json_path(cfg: DictConfig, ckpt_path: Path) -> Path:
-    """Where eval.json goes: ``output=``, else the checkpoint's run directory (inside a
-    Hugging Face directory)."""
-    if cfg.get("output"):
-        return Path(cfg.output)
-    if ckpt_path.is_dir():  # a Hugging Face model directory: eval.json goes inside it
-        return ckpt_path / "eval.json"
-    if ckpt_path.parent.name == "checkpoints":
-        return ckpt_path.parent.parent / "eval.json"
-    return ckpt_path.parent / "eval.json"
-
-
 def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
-    """Score a checkpoint on the whole validation split of its corpus (or of ``data=...``),
-    or, with ``tasks=``, on lm-evaluation-harness tasks (nanoforge.harness)."""
+    """Score a checkpoint on the whole validation split of its corpus (or of ``data=...``).
+    ``eval.py tasks=...`` runs ``nanoforge.harness.evaluate_tasks`` instead."""
     from nanoforge.threads import apply
 
     apply(cfg.get("threads"))
-    if cfg.get("tasks"):
-        from nanoforge.harness import evaluate_tasks  # lm-eval: an extra, imported only here
-
-        return evaluate_tasks(cfg, out)
     device = pick_device(cfg.device)
     ckpt_path = resolve_checkpoint(cfg.ckpt)
     model, tok, ckpt = load_model(ckpt_path, device)

@@ -1,8 +1,9 @@
 """The machine and the launcher, as this process sees them: cores, GPUs, how many sweep jobs
 run at once, and which rank a launcher (torchrun, SLURM, Lightning's DDP) made this process.
 
-A leaf: the standard library only (torch is imported inside :func:`gpu_count`), so the Hydra
-resolvers that name run directories can call it before torch loads.
+A leaf: the standard library only (torch is imported inside :func:`gpu_count` and
+:func:`pick_device`), so the Hydra resolvers that name run directories can call it before
+torch loads.
 """
 
 from __future__ import annotations
@@ -66,3 +67,33 @@ def rank_suffix() -> str:
     if "LOCAL_RANK" not in env and node.isdigit() and int(node) > 0:
         return f"_node{node}"
     return ""
+
+
+def pick_device(name: str = "auto"):
+    """The torch device ``device=`` names; ``auto``: a CUDA GPU, else Apple's MPS, else the CPU."""
+    import torch
+
+    from nanoforge.errors import UserError
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(
+            f"device={name!r} is not a device: use auto, cpu, cuda, cuda:N or mps"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            f"device={name} but torch {torch.__version__} sees no CUDA GPU: use device=cpu "
+            "(or auto), or install a CUDA build of torch (README: GPU machines)"
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device={name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device=mps but this machine has no MPS: use device=cpu (or auto)")
+    return device

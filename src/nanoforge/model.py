@@ -120,41 +120,6 @@ class GPTConfig:
         return asdict(self)
 
 
-def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """The shapes of the tensors that fix a model's sizes (embeddings, the first block's
-    attention, the last block's index), to check weights against a config before building it."""
-    c = config
-    shapes = {"wte.weight": (c.vocab_size, c.n_embd)}
-    if c.position == "learned":
-        shapes["wpe.weight"] = (c.block_size, c.n_embd)
-    for i in range(c.n_layer):
-        shapes[f"blocks.{i}.attn.c_attn.weight"] = (3 * c.n_embd, c.n_embd)
-    if not c.tie_head:
-        shapes["lm_head.weight"] = (c.vocab_size, c.n_embd)
-    return shapes
-
-
-def check_weights_fit(config: GPTConfig, state: dict, where: str) -> None:
-    """Refuse, before the model is built, weights whose sizes disagree with ``config``: a
-    config is data from a file, and only the weights beside it show the real sizes (a few-kB
-    checkpoint claiming ``block_size=4e9`` must not make ``GPT`` allocate for it)."""
-    for name, shape in expected_shapes(config).items():
-        tensor = state.get(name)
-        if tensor is None:
-            raise UserError(f"{where}: the weights lack {name}, which its model config needs")
-        if tuple(tensor.shape) != shape:
-            raise UserError(
-                f"{where}: tensor {name} has shape {tuple(tensor.shape)}, but the model config "
-                f"stored with it implies {shape}: the config and the weights disagree"
-            )
-    extra = f"blocks.{config.n_layer}.attn.c_attn.weight"
-    if extra in state:
-        raise UserError(
-            f"{where}: the weights have more blocks than the model config's n_layer="
-            f"{config.n_layer}: the config and the weights disagree"
-        )
-
-
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention written out: softmax(q kᵀ / sqrt(d) + mask) v.
 

@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 
 from nanoforge import overrides as ov
 from nanoforge.errors import UserError
-from nanoforge.io import atomic_write_bytes, read_json
+from nanoforge.io import atomic_write_bytes, read_json, shown
 
 STATUS_FILE = "job_status.json"
 STUDY_FILE = "optuna_study.json"  # an Optuna search's whole study (nanoforge.sweep)
@@ -347,6 +347,25 @@ def plot(rows: list[JobRow]) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def end_of_sweep(rows: list[JobRow], sweep_dir: str | os.PathLike) -> str:
+    """The block a sweep ends with, once for all its jobs: how many finished, the best job
+    (its own overrides and final val/loss), where the report is, and what to run next."""
+    sweep = shown(sweep_dir)
+    ok = [r for r in rows if r.status == "ok"]
+    lines = [f"sweep finished: {len(rows)} jobs, {len(ok)} ok"]
+    if ok:
+        best = min(ok, key=lambda r: r.metric("val/loss"))
+        _, varying = _split_overrides(rows)
+        own = " ".join(varying[rows.index(best)]) or "(the same overrides as every job)"
+        lines.append(f"  best      job {best.job}: {own}  val/loss {best.metric('val/loss'):.4f}")
+    lines.append(f"  report    {sweep}/report.md (+ .csv, .png)")
+    lines.append("next:")
+    if ok:
+        lines.append(f"  python src/generate.py ckpt={shown(best.dir)}")
+    lines.append(f"  tensorboard --logdir {sweep}")
+    return "\n".join(lines)
 
 
 def write_report(sweep_dir: str | os.PathLike) -> dict[str, Path]:

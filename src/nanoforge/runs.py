@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from nanoforge import overrides as ov
 from nanoforge.errors import UserError
 from nanoforge.io import read_json
 from nanoforge.rundir import is_running
@@ -63,40 +64,66 @@ def run_status(run_dir: Path) -> tuple[str, dict]:
     return ("stopped" if (run_dir / "checkpoints" / "last.ckpt").is_file() else "failed"), {}
 
 
-def list_runs(log_dir: str | os.PathLike = "logs", limit: int = 20) -> str:
-    """A table of the runs under ``log_dir``, most recently started first."""
-    from omegaconf import OmegaConf
+# what resume= adds to the overrides a run records (nanoforge.cli.expand_resume): internal,
+# not what the user asked for
+RESUME_OVERRIDES = ("hydra.run.dir", "ckpt_path")
 
+
+def list_runs(log_dir: str | os.PathLike = "logs", limit: int = 20) -> str:
+    """A table of the runs under ``log_dir``, most recently started (or resumed) first: when
+    each first started and when it was last resumed, its status, steps, final val/loss, its
+    directory and the overrides the user gave (not those ``resume=`` adds)."""
     rows = []
     for run in find_runs(log_dir)[:limit]:
         status, metrics = run_status(run)
-        try:
-            recorded = OmegaConf.load(run / ".hydra" / "overrides.yaml")
-            overrides = " ".join(str(o) for o in OmegaConf.to_container(recorded))
-        except Exception:  # unreadable or half-written: the row still shows the run
-            overrides = ""
+        recorded = _overrides(run)
+        last_start = (run / ".hydra" / "config.yaml").stat().st_mtime  # Hydra rewrites it
+        resumed = any(ov.key(o) in RESUME_OVERRIDES for o in recorded)
         loss = metrics.get("val/loss")
-        started = time.strftime(
-            "%Y-%m-%d %H:%M", time.localtime((run / ".hydra" / "config.yaml").stat().st_mtime)
-        )
         rows.append(
             (
-                started,
+                _when(_first_start(run) or last_start),
+                _when(last_start) if resumed else "—",
                 status,
                 str(metrics.get("steps", "—")),
                 f"{loss:.4f}" if isinstance(loss, float) and math.isfinite(loss) else "—",
                 str(run),
-                overrides,
+                " ".join(o for o in recorded if ov.key(o) not in RESUME_OVERRIDES),
             )
         )
     if not rows:
         return f"no runs under {log_dir}/ (python src/train.py makes one)"
-    head = ("started", "status", "steps", "val/loss", "run", "overrides")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
+    head = ("started", "resumed", "status", "steps", "val/loss", "run", "overrides")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(6)]
     return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(r[:5], widths, strict=True)) + "  " + r[5]
+        "  ".join(cell.ljust(w) for cell, w in zip(r[:6], widths, strict=True)) + "  " + r[6]
         for r in [head, *rows]
     )
+
+
+def _overrides(run: Path) -> list[str]:
+    from omegaconf import OmegaConf
+
+    try:
+        recorded = OmegaConf.to_container(OmegaConf.load(run / ".hydra" / "overrides.yaml"))
+        return [str(o) for o in recorded]
+    except Exception:  # unreadable or half-written: the row still shows the run
+        return []
+
+
+def _first_start(run: Path) -> float | None:
+    """When the run first started: the time on the first line of its ``train.log``, which
+    every start of the run appends to (``[2026-12-06 13:33:28,233][...]``)."""
+    try:
+        with open(run / "train.log", encoding="utf-8", errors="replace") as f:
+            first = f.readline()
+        return time.mktime(time.strptime(first[1:20], "%Y-%m-%d %H:%M:%S"))
+    except (OSError, ValueError):
+        return None
+
+
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -493,7 +493,8 @@ class EngineProcess:
 def load_for_serving(spec: dict):
     """(model ready to decode, tokenizer) from a ``spec``: ckpt, device, dtype."""
     from nanoforge.checkpoint import load_model
-    from nanoforge.inference import _prepare_for_sampling, pick_device
+    from nanoforge.inference import _prepare_for_sampling
+    from nanoforge.machine import pick_device
 
     device = pick_device(spec["device"])
     model, tokenizer, _ = load_model(spec["ckpt"], device)

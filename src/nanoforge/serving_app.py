@@ -359,7 +359,8 @@ def build(cfg) -> Server:
     of its own, ``thread``: in this one), tokenizer and limits."""
     from nanoforge import threads
     from nanoforge.checkpoint import load_model, resolve_checkpoint
-    from nanoforge.inference import check_decode_dtype, pick_device
+    from nanoforge.inference import check_decode_dtype
+    from nanoforge.machine import pick_device
     from nanoforge.serving import EngineProcess, load_for_serving
 
     if not cfg.get("ckpt"):

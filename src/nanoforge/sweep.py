@@ -40,7 +40,7 @@ from nanoforge import hydra_setup
 from nanoforge.errors import UserError
 from nanoforge.io import atomic_write_bytes
 from nanoforge.machine import cpu_cores, gpu_count, launcher_rank
-from nanoforge.report import STATUS_FILE, STUDY_FILE, write_report
+from nanoforge.report import STATUS_FILE, STUDY_FILE, collect, end_of_sweep, write_report
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,7 @@ class JobEnvironment(Callback):
         # Hydra's sweepers resolve the sweep dir before any job has set HydraConfig, so set it
         # here, from the multirun's own config, for `${hydra:...}` to resolve
         HydraConfig.instance().set_config(config)
+        check_study_storage(config)
         src = str(hydra_setup.REPO_ROOT / "src")
         paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         if src not in paths:
@@ -216,6 +217,30 @@ def study_source(config: DictConfig) -> tuple[str, str] | None:
     sweeper = config.hydra.get("sweeper") or {}
     storage = sweeper.get("storage") if "optuna" in str(sweeper.get("_target_", "")) else None
     return (str(storage), str(sweeper.get("study_name"))) if storage else None
+
+
+def check_study_storage(config: DictConfig) -> None:
+    """Exit 2 with one line when the Optuna study's SQLite file exists but is no database
+    (Optuna would end the sweep in a SQLAlchemy traceback before any trial)."""
+    import sqlite3
+
+    source = study_source(config)
+    if source is None or not source[0].startswith("sqlite:///"):
+        return
+    path = Path(source[0].removeprefix("sqlite:///"))
+    if not path.is_file():
+        return  # Optuna creates it
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error as e:
+        from nanoforge.errors import fail
+
+        fail(
+            f"the Optuna study file {path} is not a readable SQLite database ({e}): move it "
+            "away to start a new study, or keep the study elsewhere: "
+            "hydra.sweeper.storage=sqlite:///OTHER.db"
+        )
 
 
 def summarize_study(storage: str, study_name: str) -> dict[str, Any]:
@@ -266,9 +291,8 @@ class SweepReport(Callback):
                 atomic_write_bytes(sweep_dir / STUDY_FILE, json.dumps(summary).encode())
             except Exception as e:  # a report must never break the sweep it describes
                 log.warning(f"could not read the Optuna study {source[1]}: {e}")
-        paths = self._write(sweep_dir)
-        if paths:
-            log.info(f"sweep report: {paths['md']} (+ .csv, .png)")
+        if self._write(sweep_dir):  # plain lines, as a run ends (Hydra's logger would stamp them)
+            print("end of sweep\n" + end_of_sweep(collect(sweep_dir), sweep_dir), flush=True)
 
     @staticmethod
     def _write(sweep_dir: Path) -> dict[str, Path] | None:

@@ -373,17 +373,17 @@ TOKENIZER_KINDS = ("char", "bpe")
 
 def boundary_token(tokenizer) -> int:
     """The token that marks where a text begins or ends: ``<|endoftext|>`` where the
-    vocabulary has it (GPT-2's), else the newline (character and nanoforge's BPE vocabularies
-    reserve no special token), else id 0. lm-evaluation-harness puts it before a text scored
-    with no context; an export declares it as BOS/EOS so both score alike."""
-    for text in ("<|endoftext|>", "\n"):
-        try:
-            ids = tokenizer.encode(text)
-        except UserError:  # a character vocabulary without that character
-            continue
-        if len(ids) == 1:
-            return int(ids[0])
-    return 0
+    vocabulary has it (GPT-2's, and every BPE learned here), else the newline (a character
+    vocabulary reserves no special token), else id 0. lm-evaluation-harness puts it before a
+    text scored with no context; an export declares it as BOS/EOS so both score alike."""
+    eot = getattr(tokenizer, "eot_id", None)
+    if eot is not None:
+        return int(eot)
+    try:
+        ids = tokenizer.encode("\n")
+    except UserError:  # a character vocabulary without a newline
+        return 0
+    return int(ids[0]) if len(ids) == 1 else 0
 
 
 def tokenizer_from_state(state: dict) -> CharTokenizer | BPETokenizer:

@@ -24,9 +24,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from nanoforge import extension, rundir, threads
-from nanoforge.callbacks import GracefulStop, RunSummary, TokenThroughput, end_of_run
+from nanoforge.callbacks import GracefulStop, RunSummary, TokenThroughput
 from nanoforge.checkpoint import check_resumable, config_differences, load_model, load_raw
-from nanoforge.console import quiet_libraries
+from nanoforge.console import corpus_prompt, end_of_run, quiet_libraries
 from nanoforge.errors import NonFiniteLossError, UserError, find_user_error
 from nanoforge.module import GPTModule
 from nanoforge.optim import OptimConfig
@@ -265,5 +265,42 @@ def _end(trainer, module, cfg: DictConfig, status: str, error: str = "") -> dict
     result = summary.summary(trainer, module, status, error)
     if trainer.is_global_zero and not trainer.fast_dev_run:
         # through logging: on the console and in train.log, for whoever tails a cluster job
-        log.info("end of run\n" + end_of_run(result, cfg.paths.output_dir))
+        prompt = _prompt(trainer.datamodule)
+        text = end_of_run(
+            result,
+            cfg.paths.output_dir,
+            prompt,
+            next_steps=not _in_multirun(),
+            eval_data=_eval_data(trainer.datamodule, cfg.paths.data_dir),
+        )
+        log.info("end of run\n" + text)
     return result
+
+
+def _eval_data(datamodule, data_dir: str) -> str:
+    """``data=... data.path=...`` for the end-of-run ``eval.py`` hint when the corpus lies
+    outside the data folder (``eval.py`` follows a recorded path only inside it)."""
+    import shlex
+
+    from nanoforge.corpora import corpus_outside
+
+    path = getattr(datamodule, "hparams", {}).get("path")
+    if not path or not corpus_outside(path, data_dir):
+        return ""
+    return f"data={datamodule.corpus} data.path={shlex.quote(str(path))}"
+
+
+def _prompt(datamodule) -> str | None:
+    """The start of the run's own training text, as the end-of-run hint's prompt."""
+    try:
+        return corpus_prompt(datamodule.tokenizer.decode(datamodule.train_ids[:512]))
+    except Exception:  # a datamodule without text (a test's): the hint has no prompt
+        return None
+
+
+def _in_multirun() -> bool:
+    """A job of a sweep (``-m``): what to run next is said once, when the sweep ends."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
