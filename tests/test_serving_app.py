@@ -204,7 +204,23 @@ def test_a_client_that_disconnects_frees_its_slot(server, monkeypatch):
     assert server.engine.load == 0
 
 
-def test_limits_and_api_key(server, client):
+def test_stop_strings_end_the_text_streamed_or_not(client):
+    ask = dict(model=NAME, prompt="ROMEO:", max_tokens=40, temperature=0)
+    full = client.completions.create(**ask).choices[0].text
+    stop = full[12:14]
+    cut = full[: full.index(stop)]
+    done = client.completions.create(**ask, stop=[stop, "never"]).choices[0]
+    assert (done.text, done.finish_reason) == (cut, "stop")
+    chunks = list(client.completions.create(**ask, stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == cut
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_limits_and_api_key(server, client, monkeypatch):
+    monkeypatch.setattr(server.limits, "max_prompt_tokens", 3)
+    with pytest.raises(openai.BadRequestError, match="over this server's limit of 3"):
+        client.completions.create(model=NAME, prompt="ROMEO:", max_tokens=2)
+    monkeypatch.undo()
     server.limits.max_requests = 2
     try:
         with pytest.raises(openai.RateLimitError):
