@@ -40,6 +40,19 @@ def test_samples_txt(tiny_run):
     assert "===== step 5 =====" in text and "===== step 10 =====" in text
 
 
+def test_the_default_sample_prompt_works_on_a_corpus_without_line_breaks(tmp_path):
+    from nanoforge.callbacks import TextSamples
+    from nanoforge.errors import UserError
+    from nanoforge.tokenizer import CharTokenizer
+
+    module = SimpleNamespace(tokenizer=CharTokenizer.from_text("to be or not to be"))
+    samples = TextSamples(str(tmp_path))  # prompt "\n", which this corpus lacks
+    samples.on_fit_start(None, module)
+    assert samples.prompt == " "  # a character the corpus has
+    with pytest.raises(UserError, match="has characters the corpus lacks"):
+        TextSamples(str(tmp_path), prompt="ROMEO").on_fit_start(None, module)  # chosen: said
+
+
 def test_mfu_counts_every_rank_against_every_device(monkeypatch):
     """MFU = tokens/s (all ranks) x FLOPs per token / (peak per device x world size)."""
     import torch

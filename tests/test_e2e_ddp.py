@@ -115,16 +115,11 @@ def check_ddp_run_dir(run: Path) -> None:
     assert (run / "train_ddp_process_1.log").is_file()  # rank 1 ran in this directory too
 
 
-def test_ddp_cpu_run_two_processes_one_directory_same_weights(tmp_path):
-    run_train(tmp_path, "trainer=ddp_cpu", *ARGS)
-    runs = run_dirs(tmp_path)
-    assert len(runs) == 1, runs  # not one directory per rank
-    check_ddp_run_dir(runs[0])
-
-
 def test_sweep_across_cpu_and_ddp_cpu(tmp_path):
     """`-m trainer=cpu,ddp_cpu`: rank 1 of the DDP job joins that job's directory, and does
-    not start a sweep of its own (it would if it re-ran the sweep's command line)."""
+    not start a sweep of its own (it would if it re-ran the sweep's command line); the DDP job
+    leaves what a DDP run leaves (check_ddp_run_dir). That a single DDP run makes one run
+    directory, not one per rank: test_sigterm_and_nan_stop_every_rank_under_ddp."""
     run_train(tmp_path, "-m", "trainer=cpu,ddp_cpu", *ARGS)
     (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
     assert not (tmp_path / "logs" / "train" / "runs").exists()

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from tests.helpers import SRC, make_text, run_dirs, run_entry, tb_dir
+from tests.helpers import SRC, clean_env, make_text, run_dirs, run_entry, tb_dir
 
 pytestmark = pytest.mark.slow
 
@@ -191,3 +192,42 @@ def test_a_run_ends_with_where_it_went_and_the_next_commands(trained_run):
     assert f"run directory: {trained_run}" in out  # said at the start too
     log = (trained_run / "train.log").read_text()
     assert "run finished: 40 steps" in log  # a cluster job's log ends the same way
+
+
+@pytest.mark.parametrize("shell", ["env -i", "odd variables"])
+def test_a_sweep_does_not_depend_on_the_callers_environment(tmp_path, shell):
+    """Under `env -i` with a minimal PATH, and with odd variables (`$_` the shell's last
+    command, HOME elsewhere, TMPDIR with a space): a two-job sweep over a non-ASCII value with an
+    override that interpolates trains both jobs, each job's events in its own TensorBoard
+    folder, and a `$NAME` in the sweep directory stays a folder name."""
+    (tmp_path / "corpus.txt").write_text(make_text(20_000), encoding="utf-8")
+    if shell == "env -i":
+        env = {"PATH": "/usr/bin:/bin"}
+    else:
+        home, tmp = tmp_path / "home elsewhere", tmp_path / "tmp dir"
+        home.mkdir(), tmp.mkdir()
+        odd = {"_": "/usr/bin/make", "HOME": str(home), "TMPDIR": str(tmp), "X": "/elsewhere"}
+        env = clean_env(odd)
+    args = ["-m", "model=tiny", "data=text", "data.path=corpus.txt", "trainer.max_steps=2"]
+    args += ["trainer.val_check_interval=2", "data.val_batches=1", "print_config=false"]
+    args += ["callbacks.text_samples.max_new_tokens=4", "trainer.enable_progress_bar=false"]
+    args += ["+tag=x,Ω", "+note=${paths.output_dir}", "hydra.sweep.dir=sweep$X$PATH"]
+    r = subprocess.run(
+        [sys.executable, str(SRC / "train.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    sweep = tmp_path / "sweep$X$PATH"
+    folders = sorted(p.parent for p in tmp_path.rglob("events.out.tfevents.*"))
+    # each job's events in SWEEP/<job>/tensorboard/<name>, whatever `$` the names came from
+    parts = [f.relative_to(sweep).parts for f in folders]
+    assert [p[:2] for p in parts] == [("0", "tensorboard"), ("1", "tensorboard")]
+    names = [p[2] for p in parts]
+    assert [len(p) for p in parts] == [3, 3] and not any("$" in n for n in names)
+    assert "x" in names[0] and "Ω" in names[1] and "{paths.output_dir}" in names[0]
+    tags = [OmegaConf.load(sweep / job / ".hydra" / "config.yaml").tag for job in ("0", "1")]
+    assert tags == ["x", "Ω"]

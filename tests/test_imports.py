@@ -8,7 +8,7 @@ anywhere makes the sort fail and names the modules on it.
 import ast
 import graphlib
 
-from tests.helpers import SRC, entry_point_code, run_python
+from tests.helpers import SRC, run_python
 
 PACKAGE = SRC / "nanoforge"
 
@@ -76,13 +76,5 @@ def test_every_module_imports_in_a_fresh_interpreter_and_the_glue_imports_no_tor
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
-def test_generate_never_imports_lightning(tiny_run):
-    """generate.py needs a checkpoint, the GPT and the tokenizer: importing Lightning would
-    cost it ~3 s of start-up (torch._dynamo through lightning.fabric, torchmetrics, scipy)."""
-    code = entry_point_code("generate.py", f"ckpt={tiny_run}", "max_new_tokens=5", "prompt=a") + (
-        "print('loaded:', sorted({m.split('.')[0] for m in sys.modules} & {'lightning', "
-        "'pytorch_lightning', 'torchmetrics'}))\n"
-    )
-    r = run_python(code, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "loaded: []" in r.stdout, r.stdout
+# generate.py never importing Lightning: test_hydra_setup.py, in the process that checks what
+# each entry point settles

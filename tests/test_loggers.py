@@ -198,7 +198,10 @@ def test_mlflow_gets_params_metrics_and_samples_and_a_resume_continues_its_run(
     assert text.read_text() in (run_dir / "samples.txt").read_text()
     assert any((run_dir / "tensorboard").rglob("events.out.tfevents.*"))  # TensorBoard too
 
-    train(resumed(tmp_path, text_file, "logger=[tensorboard,mlflow]"))
+    # resumed from another working directory (another log root): the run's own store
+    elsewhere = f"paths.log_dir={tmp_path / 'elsewhere' / 'logs'}"
+    train(resumed(tmp_path, text_file, "logger=[tensorboard,mlflow]", elsewhere))
+    assert not (tmp_path / "elsewhere" / "logs" / "mlflow.db").exists()
     again = json.loads((run_dir / "trackers.json").read_text())["mlflow"]
     assert again["run_id"] == record["run_id"]  # the same MLflow run, continued
     experiment = client.get_experiment_by_name("nanoforge-train")
@@ -213,6 +216,38 @@ def test_mlflow_gets_params_metrics_and_samples_and_a_resume_continues_its_run(
     other.mkdir()
     train(tiny(other, text_file, "logger=mlflow", f"paths.log_dir={tmp_path}/logs"))
     assert len(client.search_runs([experiment.experiment_id])) == 2
+
+
+@pytest.mark.parametrize("content", ["{garbled", "[]", '{"mlflow": "abc"}'])
+def test_an_unreadable_trackers_json_stops_a_resume_in_one_line(tmp_path, content):
+    """Continuing would silently start a new MLflow run beside the recorded one."""
+    pytest.importorskip("mlflow")
+    from nanoforge.loggers import MLflow
+
+    (tmp_path / "trackers.json").write_text(content)
+    with pytest.raises(UserError, match=r"trackers.json is not the record .* delete it"):
+        MLflow(str(tmp_path), tracking_uri=f"sqlite:///{tmp_path}/x.db", resume_from="x")
+
+
+def test_the_mlflow_store_is_recorded_absolute_and_a_foreign_store_is_named(
+    tmp_path, migrated_store, monkeypatch
+):
+    from nanoforge.loggers import MLflow, absolute_uri
+
+    monkeypatch.chdir(tmp_path)
+    store(migrated_store, tmp_path / "s")
+    logger = MLflow(str(tmp_path / "run"), tracking_uri="sqlite:///s/mlflow.db")
+    run_id = logger.run_id
+    record = json.loads((tmp_path / "run" / "trackers.json").read_text())["mlflow"]
+    assert record == {"run_id": run_id, "tracking_uri": f"sqlite:///{tmp_path}/s/mlflow.db"}
+    assert absolute_uri("./mlruns") == str(tmp_path / "mlruns")
+    assert absolute_uri("file:mlruns") == (tmp_path / "mlruns").as_uri()
+    assert absolute_uri("http://host:5000") == "http://host:5000"
+    # a store that does not hold the run (a server, a file elsewhere) is never used unasked
+    data = {"mlflow": {"run_id": run_id, "tracking_uri": "http://example.invalid"}}
+    (tmp_path / "run" / "trackers.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="pass logger.mlflow.tracking_uri=http://example"):
+        MLflow(str(tmp_path / "run"), tracking_uri="sqlite:///s/mlflow.db", resume_from="x")
 
 
 def wandb_records(run_dir: Path, runs: int = 1, timeout: float = 30.0) -> list:

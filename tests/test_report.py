@@ -55,18 +55,21 @@ def test_report_rows_for_ok_failed_diverged_and_unfinished_jobs(tmp_path):
     fake_job(sweep, 2, ["model=medium", "seed=1"], metrics(float("nan"), 10_000_000))
     fake_job(sweep, 3, ["model=gpt2", "seed=1"])  # killed: nothing but Hydra's files
     fake_job(sweep, 10, ["model=small", "seed=1"], metrics(2.0, 800_000), {"status": "ok"})
+    # JSON, but not an object: the job did not finish as far as the report can tell
+    fake_job(sweep, 11, ["model=tiny", "seed=1"], [1, 2], ["ok"])
 
     paths = report.write_report(sweep)
 
     rows = read_csv(paths["csv"])
-    assert [r["job"] for r in rows] == ["0", "1", "2", "3", "10"]  # numeric order
-    assert [r["status"] for r in rows] == ["ok", "failed", "failed", "unfinished", "ok"]
+    assert [r["job"] for r in rows] == ["0", "1", "2", "3", "10", "11"]  # numeric order
+    statuses = ["ok", "failed", "failed", "unfinished", "ok", "unfinished"]
+    assert [r["status"] for r in rows] == statuses
     assert float(rows[0]["val_loss"]) == 2.5 and int(rows[4]["num_params"]) == 800_000
     assert rows[1]["note"] == "UserError: x"
     assert "diverged" in rows[2]["note"] and "killed" in rows[3]["note"]
     assert rows[0]["overrides"] == "model=tiny seed=1" and rows[0]["dir"] == "0"
     md = paths["md"].read_text()
-    assert "5 jobs: 2 ok, 2 failed, 1 unfinished." in md
+    assert "6 jobs: 2 ok, 2 failed, 2 unfinished." in md
     assert "Overrides shared by every job: `seed=1`" in md
     assert "| 0 | `model=tiny` | ok | 100.00k | 20 | 7.68k | 2.5000 | 2.5000 |" in md
     assert "| 1 | `model=small` | **failed**: UserError: x |" in md

@@ -122,7 +122,7 @@ def test_end_of_text_stops_a_stream_and_is_not_in_its_text(one_thread):
 
 def test_bpe_streams_equal_each_stream_alone(one_thread):
     from nanoforge.tokenizer import BPETokenizer
-    from tests.conftest import make_text
+    from tests.helpers import make_text
 
     bpe = BPETokenizer.train([make_text(5_000)], 300)
     torch.manual_seed(0)

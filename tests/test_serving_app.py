@@ -54,7 +54,7 @@ def server(ckpt):
     """serve.py's server on a free port, in a thread; yields the Server (its ``url`` set)."""
     from nanoforge.serving_app import build
 
-    cfg = compose([f"ckpt={ckpt}", "limits.max_tokens=200"], config_name="serve")
+    cfg = compose([f"ckpt={ckpt}", "limits.max_tokens=5000"], config_name="serve")
     srv = build(cfg)
     srv.engine.start()
     port = free_port()
@@ -124,11 +124,9 @@ def test_eight_concurrent_streams_each_get_their_text_alone(server, client):
         )
         return "".join(c.choices[0].text for c in s)
 
-    steps = server.engine.steps
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(8) as pool:  # (that they share steps: tests/test_serving.py)
         together = list(pool.map(stream, prompts))
     assert together == alone
-    assert server.engine.steps - steps < 8 * 40  # they shared forward passes
 
 
 def test_seeded_sampling_repeats_and_n_gives_distinct_choices(client):
@@ -165,7 +163,7 @@ def test_chat_completions_streamed_and_not(client):
     [
         ({"model": "gpt-4"}, "unknown model"),
         ({"max_tokens": -1}, "max_tokens"),
-        ({"max_tokens": 201}, "max_tokens"),
+        ({"max_tokens": 5001}, "max_tokens"),
         ({"prompt": "ROMEO: ¿qué?"}, "never saw"),
         ({"prompt": ""}, "empty"),
         ({"temperature": "hot"}, "temperature"),
@@ -194,12 +192,13 @@ def test_invalid_json_is_400(server):
     assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
 
 
-def test_a_client_that_disconnects_frees_its_slot(server):
-    body = {"model": NAME, "prompt": "ab", "max_tokens": 200, "stream": True}
+def test_a_client_that_disconnects_frees_its_slot(server, monkeypatch):
+    monkeypatch.setattr(server.limits, "max_tokens", 10**6)  # a stream that cannot end first
+    body = {"model": NAME, "prompt": "ab", "max_tokens": 10**6, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=5) as r:
         next(r.iter_lines())  # the stream has started
         assert server.engine.load == 1
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + 5
     while server.engine.load and time.monotonic() < deadline:
         time.sleep(0.01)
     assert server.engine.load == 0
@@ -307,7 +306,7 @@ def test_sigterm_ends_streams_and_exits_0(ckpt, tmp_path):
 
 @pytest.mark.slow
 def test_serve_py_port_in_use_and_missing_checkpoint_are_one_line_exit_2(ckpt, tmp_path):
-    from tests.conftest import run_entry
+    from tests.helpers import run_entry
 
     # not an empty folder: hydra_setup.run removes an empty run directory after a user error,
     # and serve.py's run directory is the current one
@@ -321,3 +320,14 @@ def test_serve_py_port_in_use_and_missing_checkpoint_are_one_line_exit_2(ckpt, t
     for result, words in ((taken, f"127.0.0.1:{port}"), (missing, "does not exist")):
         assert result.returncode == 2 and result.stdout == ""
         assert result.stderr.count("\n") == 1 and words in result.stderr
+
+
+def test_a_decoding_bug_is_a_500_and_the_engine_goes_on(server, client, monkeypatch):
+    def boom(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(server.engine, "_sample_rows", boom)
+    with pytest.raises(openai.InternalServerError, match="boom"):
+        client.completions.create(model=NAME, prompt="ab", max_tokens=3)
+    monkeypatch.undo()
+    assert client.completions.create(model=NAME, prompt="ab", max_tokens=3).choices[0].text

@@ -172,3 +172,14 @@ def test_slurm_launcher_config_composes_into_an_sbatch_script(tmp_path, monkeypa
         "module load cuda",
     ):
         assert line in script, script
+
+
+def test_a_corrupt_optuna_study_file_is_one_line_before_the_sweep(tmp_path, capsys):
+    cfg = compose(["hparams_search=optuna", f"paths.log_dir={tmp_path}"], return_hydra_config=True)
+    sweep.check_study_storage(cfg)  # no file yet: Optuna creates it
+    (tmp_path / "optuna.db").write_bytes(b"not a database, " * 300)
+    with pytest.raises(SystemExit) as e:
+        sweep.check_study_storage(cfg)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert f"the Optuna study file {tmp_path / 'optuna.db'} is not a readable SQLite" in err

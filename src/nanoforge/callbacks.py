@@ -74,6 +74,9 @@ class TextSamples(L.Callback):
             drop_samples_after(self.output_dir / "samples.txt", trainer.global_step)
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        if self.prompt == "\n" and pl_module.tokenizer.unknown_chars("\n"):
+            # the default prompt, on a corpus with no line break: start from a token it has
+            self.prompt = pl_module.tokenizer.decode([0])
         unknown = pl_module.tokenizer.unknown_chars(self.prompt)
         if unknown or not self.prompt:
             raise UserError(

@@ -96,11 +96,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def read_json(path: str | os.PathLike) -> dict | None:
     """The JSON object in ``path``, or None when it is missing or unreadable (a run that was
-    killed, a file another process is replacing)."""
+    killed, a file another process is replacing) or holds JSON that is not an object (a list,
+    a number: every record of ours is an object, and the runs list or a sweep report would
+    fail on it)."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def shown(path: str | os.PathLike) -> str:

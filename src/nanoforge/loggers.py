@@ -208,8 +208,53 @@ def default_run_name(run_dir: str | Path) -> str:
 
 
 def recorded(run_dir: str | Path, tracker: str) -> dict:
-    """What ``RUN/trackers.json`` holds for ``tracker`` ({} when nothing)."""
-    return (read_json(Path(run_dir) / RECORD) or {}).get(tracker, {})
+    """What ``RUN/trackers.json`` holds for ``tracker`` ({} when there is no file). A file
+    that is there but unreadable stops the run: continuing would silently start a new
+    tracker run beside the one the run directory had."""
+    path = Path(run_dir) / RECORD
+    if not path.exists():
+        return {}
+    data = read_json(path)
+    entry = data.get(tracker, {}) if isinstance(data, dict) else None
+    if not isinstance(entry, dict):
+        raise UserError(
+            f"{path} is not the record of this run's trackers (not a JSON object of tracker "
+            f"runs), so the {tracker} run to continue is unknown: fix the file, or delete it "
+            f"to start a new {tracker} run"
+        )
+    return entry
+
+
+def absolute_uri(uri: str) -> str:
+    """A tracking URI that names the same store from any working directory: a SQLite file, a
+    ``file:`` URI or a plain path made absolute; a server's URL as it is."""
+    if uri.startswith("sqlite:///"):
+        path = uri.removeprefix("sqlite:///")
+        if path and not path.startswith(":memory:"):
+            return f"sqlite:///{Path(path).expanduser().resolve()}"
+        return uri
+    if uri.startswith("file:"):
+        path = uri.removeprefix("file://") if uri.startswith("file://") else uri[5:]
+        return Path(path).expanduser().resolve().as_uri()
+    if "://" not in uri and not uri.startswith(("databricks", "uc:")):
+        return str(Path(uri).expanduser().resolve())  # MLflow's plain-path file store
+    return uri
+
+
+def _store_holds_run(uri: str, run_id: str) -> bool:
+    """True when ``uri`` is a local MLflow SQLite store that holds the run ``run_id`` (read
+    only: a path a run directory names is checked, never written, before it is used)."""
+    import sqlite3
+
+    path = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if path is None or not path.is_file():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            row = db.execute("SELECT 1 FROM runs WHERE run_uuid = ?", (run_id,)).fetchone()
+            return row is not None
+    except sqlite3.Error:
+        return False
 
 
 def record(run_dir: str | Path, tracker: str, **values: Any) -> None:
@@ -280,8 +325,13 @@ class MLflow(MLFlowLogger):
             # "Creating initial MLflow database tables": once per log root, not news
             logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         self.run_dir = Path(run_dir)
+        tracking_uri = absolute_uri(tracking_uri)
         # continue the recorded run only when this run resumes from a checkpoint
-        run_id = recorded(run_dir, "mlflow").get("run_id") if resume_from else None
+        record = recorded(run_dir, "mlflow") if resume_from else {}
+        run_id = record.get("run_id")
+        store = absolute_uri(str(record.get("tracking_uri") or tracking_uri))
+        if run_id and store != tracking_uri:
+            tracking_uri = self._store_of(run_id, store, tracking_uri)
         self.resumed = run_id is not None
         tags = {**(tags or {}), "run_dir": str(self.run_dir)}
         with store_lock(tracking_uri):
@@ -294,6 +344,20 @@ class MLflow(MLFlowLogger):
                 run_id=run_id,
                 **kwargs,
             )
+
+    def _store_of(self, run_id: str, store: str, configured: str) -> str:
+        """The store to continue the recorded run in: the one it was recorded in (a resume
+        from another working directory composes another log root), when that is a local
+        SQLite store holding the run; else one line naming the key to pass."""
+        if _store_holds_run(store, run_id):
+            if rank_zero_only.rank == 0:
+                print(f"MLflow: continuing run {run_id} in {store}", file=sys.stderr, flush=True)
+            return store
+        raise UserError(
+            f"the MLflow run {run_id} of {self.run_dir} is recorded in {store}, not in this "
+            f"run's store {configured}: to continue it, pass logger.mlflow.tracking_uri={store}"
+            f" (or delete {self.run_dir / RECORD} to start a new MLflow run)"
+        )
 
     @property
     @rank_zero_experiment

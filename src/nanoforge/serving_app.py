@@ -187,10 +187,10 @@ class Server:
             if p.seed is not None and body.n > 1:  # n samples of one prompt: n seeds
                 p = SamplingParams(**{**p.__dict__, "seed": p.seed + index % body.n})
 
-            def on_event(piece, reason, index=index):
-                loop.call_soon_threadsafe(queue.put_nowait, (index, piece, reason))
+            def on_event(piece, reason, index=index):  # in the loop (the engine hands over)
+                queue.put_nowait((index, piece, reason))
 
-            reqs.append(self.engine.submit(ids, p, on_event))
+            reqs.append(self.engine.submit(ids, p, on_event, loop))
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         return reqs, queue, rid
 
@@ -278,6 +278,9 @@ async def _respond(server: Server, prompts: list, body: _Body, chat: bool):
             for r in reqs:
                 if not r.done.is_set():  # the client went away: free the slots
                     server.engine.cancel(r)
+        failed = [r.finish_reason for r in reqs if (r.finish_reason or "").startswith("error")]
+        if failed:  # a bug in the engine, not the request: 500, and the engine goes on
+            raise ApiError(f"decoding failed ({failed[0]})", status=500, kind="server_error")
         if chat:
             choices = [
                 {

@@ -205,6 +205,7 @@ class JobEnvironment(Callback):
         # Hydra's sweepers resolve the sweep dir before any job has set HydraConfig, so set it
         # here, from the multirun's own config, for `${hydra:...}` to resolve
         HydraConfig.instance().set_config(config)
+        check_study_storage(config)
         src = str(hydra_setup.REPO_ROOT / "src")
         paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         if src not in paths:
@@ -216,6 +217,30 @@ def study_source(config: DictConfig) -> tuple[str, str] | None:
     sweeper = config.hydra.get("sweeper") or {}
     storage = sweeper.get("storage") if "optuna" in str(sweeper.get("_target_", "")) else None
     return (str(storage), str(sweeper.get("study_name"))) if storage else None
+
+
+def check_study_storage(config: DictConfig) -> None:
+    """Exit 2 with one line when the Optuna study's SQLite file exists but is no database
+    (Optuna would end the sweep in a SQLAlchemy traceback before any trial)."""
+    import sqlite3
+
+    source = study_source(config)
+    if source is None or not source[0].startswith("sqlite:///"):
+        return
+    path = Path(source[0].removeprefix("sqlite:///"))
+    if not path.is_file():
+        return  # Optuna creates it
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error as e:
+        from nanoforge.errors import fail
+
+        fail(
+            f"the Optuna study file {path} is not a readable SQLite database ({e}): move it "
+            "away to start a new study, or keep the study elsewhere: "
+            "hydra.sweeper.storage=sqlite:///OTHER.db"
+        )
 
 
 def summarize_study(storage: str, study_name: str) -> dict[str, Any]:
