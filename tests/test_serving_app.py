@@ -54,7 +54,7 @@ def server(ckpt):
     """serve.py's server on a free port, in a thread; yields the Server (its ``url`` set)."""
     from nanoforge.serving_app import build
 
-    cfg = compose([f"ckpt={ckpt}", "limits.max_tokens=5000"], config_name="serve")
+    cfg = compose([f"ckpt={ckpt}", "limits.max_tokens=5000", "engine=thread"], config_name="serve")
     srv = build(cfg)
     srv.engine.start()
     port = free_port()
@@ -204,7 +204,23 @@ def test_a_client_that_disconnects_frees_its_slot(server, monkeypatch):
     assert server.engine.load == 0
 
 
-def test_limits_and_api_key(server, client):
+def test_stop_strings_end_the_text_streamed_or_not(client):
+    ask = dict(model=NAME, prompt="ROMEO:", max_tokens=40, temperature=0)
+    full = client.completions.create(**ask).choices[0].text
+    stop = full[12:14]
+    cut = full[: full.index(stop)]
+    done = client.completions.create(**ask, stop=[stop, "never"]).choices[0]
+    assert (done.text, done.finish_reason) == (cut, "stop")
+    chunks = list(client.completions.create(**ask, stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == cut
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_limits_and_api_key(server, client, monkeypatch):
+    monkeypatch.setattr(server.limits, "max_prompt_tokens", 3)
+    with pytest.raises(openai.BadRequestError, match="over this server's limit of 3"):
+        client.completions.create(model=NAME, prompt="ROMEO:", max_tokens=2)
+    monkeypatch.undo()
     server.limits.max_requests = 2
     try:
         with pytest.raises(openai.RateLimitError):
@@ -331,3 +347,28 @@ def test_a_decoding_bug_is_a_500_and_the_engine_goes_on(server, client, monkeypa
         client.completions.create(model=NAME, prompt="ab", max_tokens=3)
     monkeypatch.undo()
     assert client.completions.create(model=NAME, prompt="ab", max_tokens=3).choices[0].text
+
+
+def test_the_engine_in_its_own_process_gives_the_same_text_and_cancels(ckpt, server):
+    """serve.py's default: the engine in a spawned process (here driven without HTTP)."""
+    from nanoforge.serving import SamplingParams
+    from nanoforge.serving_app import build
+
+    remote = build(compose([f"ckpt={ckpt}"], config_name="serve")).engine.start()
+    try:
+        p = SamplingParams(max_tokens=40, temperature=0)
+        ids = TOK.encode("ROMEO:").tolist()
+        pieces = []
+        req = remote.submit(ids, p, lambda piece, reason: pieces.append(piece))
+        assert req.done.wait(30) and req.finish_reason == "length" and req.n_tokens == 40
+        here = server.engine.submit(ids, p)
+        assert here.done.wait(30) and req.text == here.text == "".join(pieces)
+        endless = remote.submit(ids, SamplingParams(max_tokens=10**6, temperature=0))
+        assert remote.load == 1
+        remote.cancel(endless)
+        assert remote.load == 0 and endless.done.is_set()
+        again = remote.submit(ids, p)  # the engine goes on
+        assert again.done.wait(30) and again.text == req.text
+    finally:
+        remote.stop()
+    assert not remote.process.is_alive()

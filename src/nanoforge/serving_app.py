@@ -197,7 +197,7 @@ class Server:
 
 def _usage(reqs) -> dict:
     prompt = sum(len(r.prompt_ids) for r in reqs)
-    done = sum(len(r.tokens) for r in reqs)
+    done = sum(r.n_tokens for r in reqs)
     return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
 
@@ -355,24 +355,36 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def build(cfg) -> Server:
-    """The model of ``cfg.ckpt`` loaded for sampling, its engine (not started) and limits."""
+    """The server for ``cfg.ckpt``: its engine (not started; ``engine=process``: in a process
+    of its own, ``thread``: in this one), tokenizer and limits."""
     from nanoforge import threads
     from nanoforge.checkpoint import load_model, resolve_checkpoint
-    from nanoforge.inference import _prepare_for_sampling, check_decode_dtype
+    from nanoforge.inference import check_decode_dtype
     from nanoforge.machine import pick_device
+    from nanoforge.serving import EngineProcess, load_for_serving
 
     if not cfg.get("ckpt"):
         raise UserError("no checkpoint given: pass ckpt=RUN_DIR (or ckpt=last)")
+    kind = str(cfg.get("engine", "process"))
+    if kind not in ("process", "thread"):
+        raise UserError(f"engine={kind!r}: use engine=process (the default) or engine=thread")
     dtype = str(cfg.get("dtype", "float32"))
     device = pick_device(cfg.device)
     check_decode_dtype(dtype, device)
     path = resolve_checkpoint(cfg.ckpt)
-    model, tokenizer, _ = load_model(path, device)
-    _prepare_for_sampling(model, dtype, device)
+    spec = {"ckpt": str(path), "device": str(cfg.device), "dtype": dtype, "slots": int(cfg.slots)}
+    if kind == "process":  # here: the tokenizer and the shape; the child loads the weights
+        model, tokenizer, _ = load_model(path, "cpu")
+    else:
+        model, tokenizer = load_for_serving(spec)
     n = threads.check(cfg.get("threads"))
     if n is None and model.config.n_embd <= threads.NARROW and device.type == "cpu":
         n = 1  # a narrow model decodes faster on one thread (nanoforge.threads.decoding)
-    engine = Engine(model, tokenizer, slots=int(cfg.slots), threads=n)
+    if kind == "process":
+        engine = EngineProcess({**spec, "threads": n}, tokenizer, model.config, int(cfg.slots))
+        del model
+    else:
+        engine = Engine(model, tokenizer, slots=int(cfg.slots), threads=n)
     name = str(cfg.get("name") or (path.parent.parent.name if path.is_file() else path.name))
     keys = ("max_prompt_tokens", "max_tokens", "max_n", "max_requests")
     limits = Limits(**{k: int(cfg.limits[k]) for k in keys})
@@ -396,9 +408,8 @@ def serve(cfg, out=sys.stdout) -> None:
             file=sys.stderr,
         )
     engine = server.engine.start()
-    params = sum(p.numel() for p in engine.model.parameters())
     out.write(
-        f"serving {server.name} ({params:,} parameters, {engine.slots} slots) at "
+        f"serving {server.name} ({engine.params_count:,} parameters, {engine.slots} slots) at "
         f"http://{host}:{port}/  (OpenAI API under /v1; Ctrl-C stops)\n"
     )
     out.flush()
