@@ -130,7 +130,20 @@ def test_another_runs_directory_is_refused_untouched_unless_overwrite(cwd):
     }
 
 
-def test_two_processes_never_train_in_one_directory_and_kill_9_leaves_no_lock(cwd):
+def test_a_resume_on_other_text_or_into_a_run_in_use_is_refused_and_kill_9_leaves_no_lock(cwd):
+    """A resume on other text is one line and keeps the run's record (the checks themselves,
+    other model included: tests/test_checkpoint.py; fine-tuning with init_from=:
+    tests/test_training.py); a second process never trains in a directory in use; kill -9
+    leaves no lock: a plain resume=R works after both."""
+    record = digest(cwd / "R" / ".hydra")
+    checkpoints = digest(cwd / "R" / "checkpoints")
+    r = run_entry("train.py", "resume=R", "data.path=b.txt", "trainer.max_steps=30", cwd=cwd)
+    line = one_error_line(r)
+    assert "a.txt" in line and "b.txt" in line and "init_from=" in line
+    # nothing was saved, so the run's record is as it was
+    assert digest(cwd / "R" / ".hydra") == record
+    assert digest(cwd / "R" / "checkpoints") == checkpoints
+
     first = popen(cwd, "resume=R", "trainer.max_steps=100000")
     try:
         deadline = time.time() + 120
@@ -146,22 +159,7 @@ def test_two_processes_never_train_in_one_directory_and_kill_9_leaves_no_lock(cw
         first.wait()
     r = run_entry("train.py", "resume=R", "trainer.max_steps=30", cwd=cwd, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
-
-
-def test_a_resume_on_other_text_is_refused_and_keeps_the_runs_record(cwd):
-    """(The checks themselves, other model included: tests/test_checkpoint.py; fine-tuning
-    with init_from=: tests/test_training.py.)"""
-    record = digest(cwd / "R" / ".hydra")
-    checkpoints = digest(cwd / "R" / "checkpoints")
-    r = run_entry("train.py", "resume=R", "data.path=b.txt", "trainer.max_steps=30", cwd=cwd)
-    line = one_error_line(r)
-    assert "a.txt" in line and "b.txt" in line and "init_from=" in line
-    # nothing was saved, so the run's record is as it was: a plain resume=R works
-    assert digest(cwd / "R" / ".hydra") == record
-    assert digest(cwd / "R" / "checkpoints") == checkpoints
-    r = run_entry("train.py", "resume=R", "trainer.max_steps=30", cwd=cwd)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads((cwd / "R" / "metrics.json").read_text())["steps"] == 30
+    assert json.loads((cwd / "R" / "metrics.json").read_text())["steps"] >= 30
 
 
 def test_a_checkpoint_save_past_ulimit_f_is_one_line_and_keeps_the_last_good_file(cwd):

@@ -176,6 +176,7 @@ atexit.register(report)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["train.py", "generate.py", "eval.py"])
 def test_every_entry_point_settles_its_imports(script, tiny_run, tmp_path):
     """The entry points freeze what torch and Lightning made at import, before their work: a

@@ -8,6 +8,8 @@ anywhere makes the sort fail and names the modules on it.
 import ast
 import graphlib
 
+import pytest
+
 from tests.helpers import SRC, run_python
 
 PACKAGE = SRC / "nanoforge"
@@ -61,6 +63,7 @@ def test_hydra_glue_is_a_leaf_and_the_model_knows_no_framework():
     assert users_of_sweep == set()
 
 
+@pytest.mark.slow  # a fresh interpreter importing everything: Lightning, transformers, ...
 def test_every_module_imports_in_a_fresh_interpreter_and_the_glue_imports_no_torch():
     modules = sorted(import_graph())
     code = (

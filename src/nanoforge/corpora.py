@@ -296,6 +296,9 @@ class HFCorpus(Corpus):
                 while block := stream.read(documents.BLOCK):
                     yield block
 
+    def key(self) -> dict:
+        return {**super().key(), "text_field": self.text_field}  # a dataset has columns
+
     def n_bytes(self) -> int:
         if not self.parts:
             return 0

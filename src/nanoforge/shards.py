@@ -312,7 +312,10 @@ def _header(corpus: Corpus, sha256: str, tokenizer: Tokenizer, info: Scan, val_f
 def _start(corpus, sha256, kind, vocab_size, val_fraction, tokenizer):
     """Passes 1 and 2: the header so far, and the tokenizer."""
     kind = tokenizer.kind if tokenizer is not None else kind
-    info = scan(corpus, want_chars=tokenizer is None and kind == "char", eot=kind == "bpe")
+    # documents end with <|endoftext|> where the vocabulary has it (a BPE learned here, GPT-2's),
+    # else a blank line separates them (characters, a BPE checkpoint from before): counted so
+    eot = tokenizer.eot_id is not None if tokenizer is not None else kind == "bpe"
+    info = scan(corpus, want_chars=tokenizer is None and kind == "char", eot=eot)
     n_train = int(info.n_chars * (1 - val_fraction))
     if tokenizer is None:
         tokenizer = build_tokenizer(corpus, kind, vocab_size, info, n_train)
