@@ -347,28 +347,3 @@ def test_a_decoding_bug_is_a_500_and_the_engine_goes_on(server, client, monkeypa
         client.completions.create(model=NAME, prompt="ab", max_tokens=3)
     monkeypatch.undo()
     assert client.completions.create(model=NAME, prompt="ab", max_tokens=3).choices[0].text
-
-
-def test_the_engine_in_its_own_process_gives_the_same_text_and_cancels(ckpt, server):
-    """serve.py's default: the engine in a spawned process (here driven without HTTP)."""
-    from nanoforge.serving import SamplingParams
-    from nanoforge.serving_app import build
-
-    remote = build(compose([f"ckpt={ckpt}"], config_name="serve")).engine.start()
-    try:
-        p = SamplingParams(max_tokens=40, temperature=0)
-        ids = TOK.encode("ROMEO:").tolist()
-        pieces = []
-        req = remote.submit(ids, p, lambda piece, reason: pieces.append(piece))
-        assert req.done.wait(30) and req.finish_reason == "length" and req.n_tokens == 40
-        here = server.engine.submit(ids, p)
-        assert here.done.wait(30) and req.text == here.text == "".join(pieces)
-        endless = remote.submit(ids, SamplingParams(max_tokens=10**6, temperature=0))
-        assert remote.load == 1
-        remote.cancel(endless)
-        assert remote.load == 0 and endless.done.is_set()
-        again = remote.submit(ids, p)  # the engine goes on
-        assert again.done.wait(30) and again.text == req.text
-    finally:
-        remote.stop()
-    assert not remote.process.is_alive()

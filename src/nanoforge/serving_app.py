@@ -361,7 +361,7 @@ def build(cfg) -> Server:
     from nanoforge.checkpoint import load_model, resolve_checkpoint
     from nanoforge.inference import check_decode_dtype
     from nanoforge.machine import pick_device
-    from nanoforge.serving import EngineProcess, load_for_serving
+    from nanoforge.serving_process import EngineProcess, load_for_serving
 
     if not cfg.get("ckpt"):
         raise UserError("no checkpoint given: pass ckpt=RUN_DIR (or ckpt=last)")
