@@ -260,7 +260,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no system chromium (apt install chromium)")
-def test_the_page_streams_text_in_headless_chromium(server, tmp_path):
+def test_the_page_streams_text_in_headless_chromium(server, tmp_path, monkeypatch):
     playwright = pytest.importorskip(
         "playwright.sync_api", reason='no playwright: pip install -e ".[browser]"'
     )
@@ -280,11 +280,22 @@ def test_the_page_streams_text_in_headless_chromium(server, tmp_path):
             text = page.text_content("#completion")
             status = page.text_content("#status")
             page.screenshot(path=tmp_path / "page.png")
+            # Stop: the stream closes, and the server frees the slot
+            monkeypatch.setattr(server.limits, "max_tokens", 10**6)
+            page.fill("#max_tokens", str(10**6))
+            page.click("#go")
+            page.wait_for_function("document.getElementById('completion').textContent.length > 5")
+            page.click("#stop")
+            page.wait_for_function("document.getElementById('status').textContent === 'stopped'")
+            deadline = time.monotonic() + 5
+            while server.engine.load and time.monotonic() < deadline:
+                time.sleep(0.01)
         finally:
             browser.close()
     assert len(text) == 120 and status.startswith("120 tokens")
     events = int(status.split("tokens/s, ")[1].split()[0])
     assert events > 1  # streamed, not in one piece
+    assert server.engine.load == 0
 
 
 @pytest.mark.slow
