@@ -237,8 +237,11 @@ def test_limits_and_api_key(server, client, monkeypatch):
         server.api_key = None
 
 
-def test_health_models_and_the_page(server, client):
+def test_health_models_and_the_page(server, client, monkeypatch):
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    monkeypatch.setattr(type(server.engine), "alive", property(lambda self: False))
+    assert httpx.get(server.url + "/health").status_code == 503
+    monkeypatch.undo()
     assert [m.id for m in client.models.list()] == [NAME]
     page = httpx.get(server.url + "/").text
     assert "<textarea" in page and "/v1/completions" in page

@@ -45,7 +45,9 @@ def test_the_engine_in_its_own_process_gives_the_same_text_and_cancels(tmp_path,
         assert again.done.wait(30) and again.text == here.text
     finally:
         remote.stop()
-    assert not remote.process.is_alive()
+    assert not remote.alive
+    with pytest.raises(RuntimeError, match="stopped"):  # the server answers 503
+        remote.submit(ids, p)
 
 
 @pytest.mark.slow

@@ -195,6 +195,11 @@ class Engine:
         return len(self.active) + len(self.waiting)
 
     @property
+    def alive(self) -> bool:
+        """Decoding: its thread runs (or, never started, :meth:`step` is called directly)."""
+        return self.thread is None or self.thread.is_alive()
+
+    @property
     def params_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 

@@ -53,6 +53,10 @@ class EngineProcess:
     def load(self) -> int:
         return len(self.requests)
 
+    @property
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
     def start(self, timeout: float = 300) -> EngineProcess:
         import multiprocessing as mp
 
@@ -77,8 +81,11 @@ class EngineProcess:
         req = RemoteRequest(list(prompt_ids), on_event, loop)
         with self.lock:
             req.rid = self.next_rid = self.next_rid + 1
+            try:
+                self.conn.send(("submit", req.rid, req.prompt_ids, params))
+            except OSError:
+                raise RuntimeError("the decode engine has stopped") from None
             self.requests[req.rid] = req
-            self.conn.send(("submit", req.rid, req.prompt_ids, params))
         return req
 
     def cancel(self, req: RemoteRequest) -> None:
