@@ -46,7 +46,7 @@ bench:  ## speed vs nanoGPT, start-up, threads on a shared machine, generation (
 	$(PYTHON) bench/threads.py
 	$(PYTHON) bench/generation.py
 
-bench-data:  ## data prep MB/s, peak RSS and launch time on a synthetic 1 GB corpus (bench/data.py)
+bench-data:  ## data prep MB/s (char, BPE vs nanochat: NANOCHAT_DIR=checkout; every format), peak RSS, launch time (bench/data.py)
 	$(PYTHON) bench/data.py $(BENCH_ARGS)
 
 bench-serving:  ## serve.py: 8 concurrent streams against 1 over HTTP, beside LitServe (bench/serving.py)

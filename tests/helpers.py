@@ -8,6 +8,7 @@ environment independent of the caller's shell) and readers of what a run leaves.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 import subprocess
@@ -238,3 +239,25 @@ def checkout_files(root: Path = ROOT) -> set[str] | None:
         if status in ("??", "!!") and not caches & set(Path(path).parts):
             found.add(path)
     return found
+
+
+def make_run(log_dir: Path, name: str, started: float, *, metrics=None, ckpt=True) -> Path:
+    """A training run's directory under ``log_dir`` as Hydra and a run leave it, started
+    (its config written) at ``started``; with a last.ckpt unless ``ckpt=False``."""
+    from omegaconf import OmegaConf
+
+    run = log_dir / "train" / "runs" / name
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(
+        OmegaConf.create(["model=tiny", f"seed={name}"]), run / ".hydra" / "overrides.yaml"
+    )
+    (run / ".hydra" / "config.yaml").write_text(
+        "task_name: train\nmodel: {}\noptim: {}\ntrainer: {}\nckpt_path: null\nseed: 1\n"
+    )
+    os.utime(run / ".hydra" / "config.yaml", (started, started))
+    if ckpt:
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    if metrics is not None:
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    return run

@@ -165,6 +165,13 @@ def test_end_of_run_says_how_it_ended_where_it_went_and_what_to_run_next(tmp_pat
     assert lines[0].startswith("run stopped: 2,000 steps") and "val/loss —" in lines[1]
     assert "  python src/train.py resume=logs/train/runs/r1" in lines
     assert not any(line.startswith("  best ") for line in lines)
+    # a corpus outside the data folder: eval.py is told which text (it does not follow a
+    # recorded path there, test_inference.py)
+    mine = end_of_run(summary, run, eval_data="data=text data.path=/home/me/corpus.txt")
+    assert (
+        "  python src/eval.py ckpt=logs/train/runs/r1 data=text data.path=/home/me/corpus.txt"
+        in (mine.splitlines())
+    )
 
 
 @pytest.mark.parametrize(

@@ -167,6 +167,15 @@ def test_hf_dataset_saved_to_disk(tmp_path):
         open_corpus("text", write_jsonl(tmp_path / "d.jsonl", DOCS)), "bpe", 300
     )
     assert np.array_equal(hf.train, jsonl.train) and np.array_equal(hf.val, jsonl.val)
+    # another column of the same folder is another token file
+    dd["train"].rename_column("text", "body").add_column("text", ["y"] * len(DOCS)).save_to_disk(
+        str(tmp_path / "two-columns")
+    )
+    two = tmp_path / "two-columns"
+    cache = tmp_path / "cache"
+    body = shards.load_or_prepare(open_corpus("hf", two, text_field="body"), "bpe", 300, 0.1, cache)
+    text = shards.load_or_prepare(open_corpus("hf", two), "bpe", 300, 0.1, cache)
+    assert body.path != text.path and len(body.train) > 10 * len(text.train)
     with pytest.raises(UserError, match="no split 'validation'"):
         shards.load_or_prepare(open_corpus("hf", folder, hf={"split": "validation"}), "char")
 

@@ -8,7 +8,7 @@ import pytest
 
 from nanoforge.errors import UserError
 from tests.harness_tasks import TEXT, write_tasks
-from tests.helpers import make_text, run_entry, tb_dir
+from tests.helpers import compose_run, make_text, run_entry, tb_dir
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 pytest.importorskip("lm_eval")
@@ -19,20 +19,33 @@ def tasks_path(tmp_path_factory):
     return write_tasks(tmp_path_factory.mktemp("tasks"))
 
 
-def test_scores_are_logged_to_tensorboard_and_metrics_json(cfg_factory, tasks_path, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+def _train(root, *overrides):
+    """A tiny 4-step run under ``root/run``, validating at steps 2 and 4; its metrics.json."""
     from nanoforge.training import build
 
-    corpus = tmp_path / "corpus.txt"
+    root.mkdir()
+    corpus = root / "corpus.txt"
     corpus.write_text(make_text(6_000) + TEXT, encoding="utf-8")
-    cfg = cfg_factory(
+    cfg = compose_run(
+        root,
         "data=text",
         f"data.path={corpus}",
         "data.val_batches=1",
         "trainer.max_steps=4",
         "trainer.val_check_interval=2",
         "callbacks.text_samples.max_new_tokens=0",
+        *overrides,
+    )
+    datamodule, module, trainer = build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    return json.loads((root / "run" / "metrics.json").read_text())
+
+
+def test_scores_are_logged_to_tensorboard_and_metrics_json(tasks_path, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics = _train(
+        tmp_path / "scored",
         "logger=tensorboard",
         "callbacks=downstream",
         "callbacks.downstream.tasks=[tiny_mc]",
@@ -40,10 +53,7 @@ def test_scores_are_logged_to_tensorboard_and_metrics_json(cfg_factory, tasks_pa
         "callbacks.downstream.limit=3",
         "callbacks.downstream.every=2",
     )
-    datamodule, module, trainer = build(cfg)
-    trainer.fit(module, datamodule=datamodule)
-    run = tmp_path / "run"
-    metrics = json.loads((run / "metrics.json").read_text())
+    run = tmp_path / "scored" / "run"
     assert 0.0 <= metrics["eval/tiny_mc/acc_norm"] <= 1.0 and "eval/tiny_mc/acc" in metrics
     # scored at the 2nd validation (every=2) only: step 4, not step 2
     assert [h["step"] for h in metrics["history"] if "eval/tiny_mc/acc" in h] == [4]
@@ -51,6 +61,9 @@ def test_scores_are_logged_to_tensorboard_and_metrics_json(cfg_factory, tasks_pa
     events.Reload()
     (point,) = events.Scalars("eval/tiny_mc/acc_norm")
     assert point.step == 4 and point.value == pytest.approx(metrics["eval/tiny_mc/acc_norm"])
+    # scoring leaves training's random state alone: the same losses as a run without it
+    plain = _train(tmp_path / "plain", "logger=none")
+    assert [h["val/loss"] for h in plain["history"]] == [h["val/loss"] for h in metrics["history"]]
 
 
 def test_a_bad_setting_stops_before_training(tasks_path):

@@ -219,7 +219,9 @@ def test_sigterm_in_a_long_validation_saves_and_exits_at_once_and_resumes_exactl
     assert metrics["steps"] == 10 and metrics["status"] == "stopped"
 
     probe_path = with_pythonpath(ROOT)
-    r = run_entry("train.py", "resume=S", "data.val_batches=2", cwd=cwd, env=probe_path)
+    # the probe's _target_ is given again: resume= replays only plain values (docs/command-line.md)
+    args = ["resume=S", "data.val_batches=2", probe[0]]
+    r = run_entry("train.py", *args, cwd=cwd, env=probe_path)
     assert r.returncode == 0, r.stderr[-2000:]
     resumed = torch.load(cwd / "S" / "checkpoints" / "last.ckpt", weights_only=True)
     straight = torch.load(cwd / "R" / "checkpoints" / "last.ckpt", weights_only=True)

@@ -64,6 +64,14 @@ def exported(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def hf_backend(exported):
+    """The harness's own Hugging Face backend on the export: the reference."""
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=str(exported[1]), batch_size=4, device="cpu")
+
+
+@pytest.fixture(scope="module")
 def tasks_path(tmp_path_factory):
     return write_tasks(tmp_path_factory.mktemp("tasks"))
 
@@ -79,14 +87,12 @@ def _requests():
     )
 
 
-def test_requests_score_as_the_hf_backend_scores_the_export(exported):
-    from lm_eval.models.huggingface import HFLM
-
+def test_requests_score_as_the_hf_backend_scores_the_export(exported, hf_backend):
     from nanoforge.harness import NanoforgeLM
 
-    ckpt, hf_dir = exported
+    ckpt, _ = exported
     ours = NanoforgeLM(ckpt=str(ckpt), batch_size=2, device="cpu")
-    theirs = HFLM(pretrained=str(hf_dir), batch_size=2, device="cpu")
+    theirs = hf_backend
     ll, rolling, gen = _requests()
     for (a, greedy_a), (b, greedy_b) in zip(
         ours.loglikelihood(ll), theirs.loglikelihood(ll), strict=True
@@ -97,15 +103,18 @@ def test_requests_score_as_the_hf_backend_scores_the_export(exported):
     )
     (text,) = ours.generate_until(gen)
     assert "!" not in text and text == theirs.generate_until(gen)[0]
+    # the export itself, read back by nanoforge (as for GPT-2 from Hugging Face): the same
+    from_hf = NanoforgeLM(ckpt=str(exported[1]), batch_size=2, device="cpu")
+    assert from_hf.loglikelihood(ll) == ours.loglikelihood(ll)
 
 
-def test_eval_py_tasks_agree_with_the_hf_backend(exported, tasks_path, tmp_path):
+def test_eval_py_tasks_agree_with_the_hf_backend(exported, hf_backend, tasks_path, tmp_path):
     from lm_eval import simple_evaluate
     from omegaconf import OmegaConf
 
     from nanoforge.harness import evaluate_tasks, task_manager
 
-    ckpt, hf_dir = exported
+    ckpt, _ = exported
     cfg = OmegaConf.create(
         {
             "ckpt": str(ckpt),
@@ -123,10 +132,8 @@ def test_eval_py_tasks_agree_with_the_hf_backend(exported, tasks_path, tmp_path)
     assert "tiny_mc" in printed.getvalue() and "acc_norm" in printed.getvalue()
     assert json.loads((tmp_path / "eval.json").read_text())["tasks"]["tiny_mc"]["acc,none"] >= 0
     assert len((tmp_path / "samples_tiny_mc.jsonl").read_text().splitlines()) == len(MC)
-    from lm_eval.models.huggingface import HFLM
-
     theirs = simple_evaluate(
-        model=HFLM(pretrained=str(hf_dir), batch_size=4, device="cpu"),
+        model=hf_backend,
         tasks=["tiny_mc", "tiny_lambada"],
         bootstrap_iters=0,
         task_manager=task_manager(["tiny_mc", "tiny_lambada"], str(tasks_path)),
@@ -199,3 +206,53 @@ def test_a_character_model_names_the_characters_it_cannot_spell(exported):
             lm.loglikelihood([request])
     else:  # byte-level BPE spells anything
         assert lm.loglikelihood([request])[0][0] < 0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"position": "rotary", "norm": "rmsnorm", "activation": "relu2", "qk_norm": True},
+        {"tie_head": False, "bias": False},
+    ],
+)
+def test_every_model_option_scores_as_its_full_forward_pass(options):
+    """The trunk/head split and the left truncation give the log-probabilities of a plain
+    forward pass over the same window, for options the GPT-2 format cannot export."""
+    import torch.nn.functional as F
+    from lm_eval.api.instance import Instance
+
+    from nanoforge.harness import NanoforgeLM
+    from nanoforge.model import GPT, GPTConfig
+    from nanoforge.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text(TEXT)
+    torch.manual_seed(0)
+    config = GPTConfig(
+        vocab_size=tok.vocab_size, block_size=24, n_layer=2, n_head=2, n_embd=16, **options
+    )
+    model = GPT(config).eval()
+    lm = NanoforgeLM(model=model, tokenizer=tok, batch_size=2, device="cpu")
+    pairs = [("ROMEO: O, she", " doth teach"), (TEXT[:60], " sweet sorrow.")]
+    scores = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+    for (context, continuation), (score, _) in zip(pairs, scores, strict=True):
+        ids = torch.as_tensor(tok.encode(context + continuation))[-(24 + 1) :]
+        n = len(continuation)
+        with torch.no_grad():
+            logprobs = F.log_softmax(model(ids[None, :-1])[0][0], dim=-1)
+        expected = logprobs[-n:].gather(1, ids[-n:, None]).sum().item()
+        assert score == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_lighter_dtypes_score_close_to_float32(exported, dtype):
+    from lm_eval.api.instance import Instance
+
+    from nanoforge.harness import NanoforgeLM
+
+    ckpt, _ = exported
+    request = [Instance("loglikelihood", {}, ("ROMEO: O, she", " doth teach"), 0)]
+    full = NanoforgeLM(ckpt=str(ckpt), device="cpu").loglikelihood(request)[0][0]
+    light = NanoforgeLM(ckpt=str(ckpt), device="cpu", dtype=dtype).loglikelihood(request)[0][0]
+    assert light == pytest.approx(full, rel=0.05)
+    with pytest.raises(UserError, match="not a sampling dtype"):
+        NanoforgeLM(ckpt=str(ckpt), device="cpu", dtype="float8")

@@ -228,6 +228,32 @@ def test_cached_decoding_equals_full_forward(opts, attention):
         assert torch.allclose(step[:, 0], full[:, t], atol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "reference"])
+@pytest.mark.parametrize("opts", OPTIONS.values(), ids=IDS)
+def test_slot_cache_decodes_each_row_at_its_own_position(opts, attention):
+    """Three streams in three slots, at different lengths, one token each per forward pass:
+    every row's logits are its own full forward's at that position (serving's cache)."""
+    from nanoforge.model import SlotKVCache
+
+    m = randomise(tiny(attention=attention, **opts))
+    idx = torch.randint(VOCAB, (3, 12))
+    full, _ = m(idx)
+    cache = SlotKVCache(m.config, slots=4)
+    starts = {0: 2, 3: 5, 1: 3}  # slot -> prompt length (row r of idx lives in slot order)
+    rows = list(starts)
+    for r, (slot, n) in enumerate(starts.items()):
+        single = KVCache(m.config.n_layer)
+        m(idx[r : r + 1, :n], cache=single)
+        cache.load(slot, single)
+    for step in range(4):
+        cache.begin(rows)
+        tokens = torch.stack([idx[r, n + step] for r, n in enumerate(starts.values())])
+        logits, _ = m(tokens[:, None], cache=cache)
+        for r, n in enumerate(starts.values()):
+            assert torch.allclose(logits[r, 0], full[r, n + step], atol=1e-5)
+    assert [cache.lengths[s] for s in rows] == [n + 4 for n in starts.values()]
+
+
 @pytest.mark.parametrize("opts", OPTIONS.values(), ids=IDS)
 def test_greedy_generation_with_cache_equals_recompute(opts):
     m = randomise(tiny(**opts))

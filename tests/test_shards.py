@@ -232,9 +232,33 @@ def test_ctrl_c_or_a_full_disk_while_preparing_is_one_line_and_leaves_nothing(
             yield item
 
     monkeypatch.setattr(documents, "BLOCK", 1000)  # many pieces
+    monkeypatch.setattr(shards, "CHAR_BATCH_CHARS", 1000)  # encoded a few at a time
     monkeypatch.setattr(shards, "encode_stream", interrupted)
     cache = tmp_path / "cache"
     match = "interrupted .*nothing was kept" if fault == "ctrl-c" else "the disk is full"
     with pytest.raises(UserError, match=match):
         shards.load_or_prepare(open_corpus("text", corpus), "char", None, 0.1, cache)
     assert [p.suffix for p in cache.iterdir()] == [".lock"]
+
+
+def test_a_bpe_without_end_of_text_keeps_documents_apart_with_blank_lines(tmp_path):
+    """A BPE checkpoint from before <|endoftext|> (a vocabulary without it) encodes documents
+    as it always did: joined by a blank line, the split counted over that same text."""
+    from tokenizers import Tokenizer
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    docs = [make_text(3000, seed=i) for i in range(3)]
+    for i, d in enumerate(docs):
+        (folder / f"{i}.txt").write_text(d, encoding="utf-8")
+    new = BPETokenizer.train(docs, 300)
+    hf = json.loads(new.to_hf_json())
+    hf["added_tokens"] = []  # as BPE vocabularies were before
+    old = BPETokenizer(Tokenizer.from_str(json.dumps(hf)))
+    assert old.eot_id is None
+    shard = shards.load_or_prepare(open_corpus("text", folder), tokenizer=old)
+    text = "\n\n".join(docs)
+    n = int(len(text) * 0.9)
+    assert shard.header["n_chars"] == len(text)
+    assert np.array_equal(shard.train, old.encode(text[:n]))
+    assert np.array_equal(shard.val, old.encode(text[n:]))

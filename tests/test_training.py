@@ -220,3 +220,20 @@ def test_exact_resume_with_a_bpe_tokenizer_on_jsonl_documents(tmp_path, one_thre
     assert a["hyper_parameters"]["tokenizer"] == b["hyper_parameters"]["tokenizer"]
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
+
+
+def test_the_end_of_run_eval_hint_names_a_corpus_outside_the_data_folder(tmp_path):
+    from types import SimpleNamespace
+
+    from nanoforge.training import _eval_data
+
+    data_dir = tmp_path / "data"
+    (data_dir).mkdir()
+    inside, outside = data_dir / "a.txt", tmp_path / "my corpus.txt"
+
+    def dm(path):
+        return SimpleNamespace(hparams={"path": str(path) if path else None}, corpus="text")
+
+    assert _eval_data(dm(None), str(data_dir)) == ""  # a built-in corpus
+    assert _eval_data(dm(inside), str(data_dir)) == ""  # followed from the checkpoint
+    assert _eval_data(dm(outside), str(data_dir)) == f"data=text data.path='{outside}'"

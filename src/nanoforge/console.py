@@ -129,12 +129,17 @@ def _duration(seconds: float) -> str:
 
 
 def end_of_run(
-    summary: dict, run_dir: str | os.PathLike, prompt: str | None = None, next_steps: bool = True
+    summary: dict,
+    run_dir: str | os.PathLike,
+    prompt: str | None = None,
+    next_steps: bool = True,
+    eval_data: str = "",
 ) -> str:
     """The lines a run ends with: how it ended, its losses, where it went, what to run next
     (sampling with ``prompt``, the start of the run's own corpus: :func:`corpus_prompt`). A
     sweep's job leaves out what to run next: the sweep ends with one such block for all its
-    jobs (``nanoforge.report.end_of_sweep``)."""
+    jobs (``nanoforge.report.end_of_sweep``). ``eval_data``: the ``data=...`` overrides
+    ``eval.py`` needs (a corpus outside the data folder is not followed from the checkpoint)."""
 
     def fmt(key: str) -> str:
         value = summary.get(key)
@@ -161,7 +166,7 @@ def end_of_run(
         "next:",
         f"  python src/generate.py ckpt={run}"
         + (f" prompt={shlex.quote(prompt)}" if prompt else ""),
-        f"  python src/eval.py ckpt={run}",
+        f"  python src/eval.py ckpt={run}" + (f" {eval_data}" if eval_data else ""),
         f"  python src/train.py resume={run}"
         + (" " + " ".join(extend(summary)) if summary["status"] == "finished" else ""),
         f"  tensorboard --logdir {run}",

@@ -292,12 +292,27 @@ class HFCorpus(Corpus):
         folder = self.parts[0]
         for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
             yield f.relative_to(folder).as_posix().encode() + b"\0"
-            yield f.read_bytes()
+            with open(f, "rb") as stream:  # Arrow files can be large: in blocks
+                while block := stream.read(documents.BLOCK):
+                    yield block
+
+    def key(self) -> dict:
+        return {**super().key(), "text_field": self.text_field}  # a dataset has columns
 
     def n_bytes(self) -> int:
         if not self.parts:
             return 0
         return sum(p.stat().st_size for p in Path(self.parts[0]).rglob("*") if p.is_file())
+
+
+def corpus_outside(path: str, data_dir: str | Path) -> bool:
+    """Whether a corpus path lies outside ``data_dir`` (symlinks resolved): such a path
+    recorded in a checkpoint is not followed without the user's own ``data.path=``."""
+    try:
+        Path(path).expanduser().resolve().relative_to(Path(data_dir).resolve())
+    except (ValueError, OSError, RuntimeError):
+        return True
+    return False
 
 
 CORPORA = ("shakespeare", "tinyshakespeare", "text", "pycode", "hf")

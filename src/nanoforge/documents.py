@@ -117,10 +117,6 @@ def text_pieces(path: Path) -> Iterator[Piece]:
             block = following
 
 
-def string_pieces(text: str) -> Iterator[Piece]:
-    yield text, True
-
-
 # --------------------------------------------------------------------------- JSON Lines
 def _zst_chunks(path: Path) -> Iterator[bytes]:
     """The decompressed bytes of a ``.zst`` file (any number of frames); a file cut short

@@ -56,7 +56,9 @@ class DownstreamEval(L.Callback):
     def score(self, pl_module) -> dict[str, float]:
         """{"eval/<task>/<metric>": value} for the model as it is now."""
         import logging
+        import random
 
+        import numpy as np
         import torch
         from lm_eval import simple_evaluate
 
@@ -74,8 +76,13 @@ class DownstreamEval(L.Callback):
         quiet = logging.getLogger("lm_eval")
         level = quiet.level
         quiet.setLevel(logging.ERROR)  # the harness's per-task lines stay off the console
+        # the harness seeds Python's, NumPy's and torch's generators: training goes on with
+        # its own states, as if nothing had been scored
+        py_state, np_state = random.getstate(), np.random.get_state()
+        cuda = pl_module.device.type == "cuda"
+        devices = [pl_module.device.index or 0] if cuda else []
         try:
-            with torch.random.fork_rng(devices=[]):  # the training RNG goes on undisturbed
+            with torch.random.fork_rng(devices=devices):
                 results = simple_evaluate(
                     model=lm,
                     tasks=self.tasks,
@@ -86,6 +93,8 @@ class DownstreamEval(L.Callback):
                     log_samples=False,
                 )
         finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
             quiet.setLevel(level)
             model.train(was_training)
         scores = {}

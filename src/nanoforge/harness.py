@@ -67,7 +67,14 @@ class NanoforgeLM(TemplateLM):
             if not ckpt:
                 raise UserError("the nanoforge model needs a checkpoint: --model_args ckpt=RUN")
             model, tokenizer, _ = load_model(ckpt, self._device)
-        if dtype != "float32":
+        from nanoforge.inference import check_decode_dtype
+
+        check_decode_dtype(dtype, self._device)  # float32, bfloat16, int8 (CPU)
+        if dtype == "int8":  # weight-only int8 Linears, bfloat16 activations (nanoforge.int8)
+            from nanoforge.int8 import quantize_int8_
+
+            model = quantize_int8_(model)
+        elif dtype != "float32":
             model = model.to(getattr(torch, dtype))
         self.model = model.to(self._device).eval()
         self.tok = tokenizer

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from nanoforge import threads
 from nanoforge.checkpoint import eval_json_path, load_model, recorded_data, resolve_checkpoint
+from nanoforge.corpora import corpus_outside
 from nanoforge.errors import UserError
 from nanoforge.io import atomic_write_bytes, read_json
 from nanoforge.machine import pick_device
@@ -180,14 +181,6 @@ def evaluate_ids(
     return {**result, "tokens": count}
 
 
-def _inside(path: str, folder: Path) -> bool:
-    try:
-        Path(path).expanduser().resolve().relative_to(folder.resolve())
-    except (ValueError, OSError, RuntimeError):
-        return False
-    return True
-
-
 def evaluation_data(
     ckpt: dict,
     data_cfg: DictConfig | None,
@@ -212,7 +205,7 @@ def evaluation_data(
         )
     data_dir = Path(data_dir)
     path = recorded.get("path")
-    if "path" not in chosen and path and not _inside(str(path), data_dir):
+    if "path" not in chosen and path and corpus_outside(str(path), data_dir):
         corpus = recorded.get("corpus", "text")
         raise UserError(
             f"the checkpoint was trained on {path}, outside this checkout's data folder "

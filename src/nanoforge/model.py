@@ -265,15 +265,16 @@ class SlotKVCache:
         """The next forward pass feeds one token to each of these slots, in this order.
 
         Neighbouring rows in neighbouring slots at the same length attend in one call: on one
-        thread the fused kernel computes each (row, head) alone, the same bits as a batch of
-        one; on several it may split the work otherwise, so there each row attends alone.
+        CPU thread the fused kernel computes each (row, head) alone, the same bits as a batch
+        of one; on several threads (or a GPU) it may split the work otherwise, so there each
+        row attends alone.
         """
         self.rows = rows
         device = self.k[0].device
         lengths = [self.lengths[s] for s in rows]
         self.positions = torch.tensor(lengths, device=device)
         self._slots = torch.tensor(rows, device=device)
-        together = torch.get_num_threads() == 1
+        together = device.type == "cpu" and torch.get_num_threads() == 1
         groups: list[list[int]] = []  # [first row, end row, first slot, keys]
         for r, (s, n) in enumerate(zip(rows, lengths, strict=True)):
             g = groups[-1] if groups else None

@@ -17,6 +17,8 @@ a batch, alone, and from ``generate.py temperature=0`` (tests/test_serving.py).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 import threading
 import types
@@ -58,14 +60,18 @@ class SamplingParams:
 class Request:
     """One stream: its prompt, its parameters, what it has produced so far.
 
-    ``on_event(piece, finish_reason)`` is called from the engine's thread with each new piece
-    of text (``finish_reason`` None) and once at the end with the last piece and ``"stop"``,
-    ``"length"`` or ``"error: ..."``. A cancelled request gets no more events.
+    ``on_event(piece, finish_reason)`` is called with each new piece of text
+    (``finish_reason`` None) and once at the end with the last piece and ``"stop"``,
+    ``"length"`` or ``"error: ..."``; a cancelled request gets no more events. Without a
+    ``loop`` it is called from the engine's thread; with an asyncio ``loop``, in that loop,
+    the events of one step handed over together (one wake-up of the loop a step, not one a
+    stream: both threads share the GIL).
     """
 
     prompt_ids: list[int]
     params: SamplingParams
     on_event: Callable[[str, str | None], None] | None = None
+    loop: asyncio.AbstractEventLoop | None = None
     tokens: list[int] = field(default_factory=list)  # generated token ids
     text: str = ""  # generated text (cut before a stop string)
     finish_reason: str | None = None
@@ -75,6 +81,10 @@ class Request:
     _generator: torch.Generator | None = None
     _pending: list[int] = field(default_factory=list)  # ids of a UTF-8 character not yet whole
     _sent: int = 0  # characters of ``text`` already handed to on_event
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
 
 
 def _rows_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -122,6 +132,11 @@ def exact_rows(model: GPT, rows: int) -> GPT:
     return model
 
 
+def deliver_events(batch: list) -> None:
+    for on_event, piece, reason in batch:
+        on_event(piece, reason)
+
+
 class Engine:
     """Continuous batching over one model: :meth:`submit` requests from any thread, and
     either :meth:`start` a thread that decodes them or call :meth:`step` yourself."""
@@ -145,6 +160,7 @@ class Engine:
         self.error: BaseException | None = None
         # <|endoftext|> ends a document: a stream stops there, as generate.py's does
         self.eot: int | None = getattr(tokenizer, "eot_id", None)
+        self._events: dict[asyncio.AbstractEventLoop, list] = {}
         exact_rows(model, slots)
 
     # ------------------------------------------------------------------ the public side
@@ -153,10 +169,11 @@ class Engine:
         prompt_ids: list[int],
         params: SamplingParams,
         on_event: Callable[[str, str | None], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> Request:
         if not prompt_ids:
             raise UserError("the prompt is empty: give at least one token")
-        req = Request(list(prompt_ids), params, on_event)
+        req = Request(list(prompt_ids), params, on_event, loop)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         req._generator = torch.Generator(device=self.device).manual_seed(seed)
         with self.cond:
@@ -176,6 +193,15 @@ class Engine:
     def load(self) -> int:
         """Requests active or waiting."""
         return len(self.active) + len(self.waiting)
+
+    @property
+    def alive(self) -> bool:
+        """Decoding: its thread runs (or, never started, :meth:`step` is called directly)."""
+        return self.thread is None or self.thread.is_alive()
+
+    @property
+    def params_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
 
     def start(self) -> Engine:
         self.thread = threading.Thread(target=self._loop, name="nanoforge-engine", daemon=True)
@@ -226,9 +252,17 @@ class Engine:
                     self.error = e
                     for req in [*self.active]:
                         self._finish(req, f"error: {type(e).__name__}: {e}")
+                self._hand_over()
 
     def step(self) -> None:
-        """Admit waiting requests into free slots (prefill), then one decoding step for all."""
+        """Admit waiting requests into free slots (prefill), then one decoding step for all;
+        hand the step's events over."""
+        try:
+            self._step()
+        finally:
+            self._hand_over()
+
+    def _step(self) -> None:
         for req in [r for r in self.active if r.cancelled]:
             self._release(req)
         while self.free:
@@ -316,15 +350,28 @@ class Engine:
                 default=0,
             )
         if safe > req._sent and req.on_event is not None:
-            req.on_event(req.text[req._sent : safe], None)
+            self._emit(req, req.text[req._sent : safe], None)
         req._sent = max(req._sent, safe)
 
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
         if req.on_event is not None and not req.cancelled:
-            req.on_event(req.text[req._sent :], reason)
+            self._emit(req, req.text[req._sent :], reason)
         req._sent = len(req.text)
         self._release(req)
+
+    def _emit(self, req: Request, piece: str, reason: str | None) -> None:
+        if req.loop is None:
+            req.on_event(piece, reason)
+        else:
+            self._events.setdefault(req.loop, []).append((req.on_event, piece, reason))
+
+    def _hand_over(self) -> None:
+        """The step's events, to each loop in one call."""
+        events, self._events = self._events, {}
+        for loop, batch in events.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody listens any more
+                loop.call_soon_threadsafe(deliver_events, batch)
 
     def _release(self, req: Request) -> None:
         if req in self.active:

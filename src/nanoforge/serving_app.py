@@ -187,17 +187,22 @@ class Server:
             if p.seed is not None and body.n > 1:  # n samples of one prompt: n seeds
                 p = SamplingParams(**{**p.__dict__, "seed": p.seed + index % body.n})
 
-            def on_event(piece, reason, index=index):
-                loop.call_soon_threadsafe(queue.put_nowait, (index, piece, reason))
+            def on_event(piece, reason, index=index):  # in the loop (the engine hands over)
+                queue.put_nowait((index, piece, reason))
 
-            reqs.append(self.engine.submit(ids, p, on_event))
+            try:
+                reqs.append(self.engine.submit(ids, p, on_event, loop))
+            except RuntimeError as e:  # the engine has stopped (shutting down, or crashed)
+                for r in reqs:
+                    self.engine.cancel(r)
+                raise ApiError(str(e), status=503, kind="server_error") from None
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         return reqs, queue, rid
 
 
 def _usage(reqs) -> dict:
     prompt = sum(len(r.prompt_ids) for r in reqs)
-    done = sum(len(r.tokens) for r in reqs)
+    done = sum(r.n_tokens for r in reqs)
     return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
 
@@ -235,6 +240,8 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if not server.engine.alive:
+            return JSONResponse(error_body("the decode engine has stopped", "server_error"), 503)
         return {"status": "ok", "streams": server.engine.load}
 
     @app.get("/", response_class=HTMLResponse)
@@ -278,6 +285,9 @@ async def _respond(server: Server, prompts: list, body: _Body, chat: bool):
             for r in reqs:
                 if not r.done.is_set():  # the client went away: free the slots
                     server.engine.cancel(r)
+        failed = [r.finish_reason for r in reqs if (r.finish_reason or "").startswith("error")]
+        if failed:  # a bug in the engine, not the request: 500, and the engine goes on
+            raise ApiError(f"decoding failed ({failed[0]})", status=500, kind="server_error")
         if chat:
             choices = [
                 {
@@ -352,24 +362,36 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def build(cfg) -> Server:
-    """The model of ``cfg.ckpt`` loaded for sampling, its engine (not started) and limits."""
+    """The server for ``cfg.ckpt``: its engine (not started; ``engine=process``: in a process
+    of its own, ``thread``: in this one), tokenizer and limits."""
     from nanoforge import threads
     from nanoforge.checkpoint import load_model, resolve_checkpoint
-    from nanoforge.inference import _prepare_for_sampling, check_decode_dtype
+    from nanoforge.inference import check_decode_dtype
     from nanoforge.machine import pick_device
+    from nanoforge.serving_process import EngineProcess, load_for_serving
 
     if not cfg.get("ckpt"):
         raise UserError("no checkpoint given: pass ckpt=RUN_DIR (or ckpt=last)")
+    kind = str(cfg.get("engine", "process"))
+    if kind not in ("process", "thread"):
+        raise UserError(f"engine={kind!r}: use engine=process (the default) or engine=thread")
     dtype = str(cfg.get("dtype", "float32"))
     device = pick_device(cfg.device)
     check_decode_dtype(dtype, device)
     path = resolve_checkpoint(cfg.ckpt)
-    model, tokenizer, _ = load_model(path, device)
-    _prepare_for_sampling(model, dtype, device)
+    spec = {"ckpt": str(path), "device": str(cfg.device), "dtype": dtype, "slots": int(cfg.slots)}
+    if kind == "process":  # here: the tokenizer and the shape; the child loads the weights
+        model, tokenizer, _ = load_model(path, "cpu")
+    else:
+        model, tokenizer = load_for_serving(spec)
     n = threads.check(cfg.get("threads"))
     if n is None and model.config.n_embd <= threads.NARROW and device.type == "cpu":
         n = 1  # a narrow model decodes faster on one thread (nanoforge.threads.decoding)
-    engine = Engine(model, tokenizer, slots=int(cfg.slots), threads=n)
+    if kind == "process":
+        engine = EngineProcess({**spec, "threads": n}, tokenizer, model.config, int(cfg.slots))
+        del model
+    else:
+        engine = Engine(model, tokenizer, slots=int(cfg.slots), threads=n)
     name = str(cfg.get("name") or (path.parent.parent.name if path.is_file() else path.name))
     keys = ("max_prompt_tokens", "max_tokens", "max_n", "max_requests")
     limits = Limits(**{k: int(cfg.limits[k]) for k in keys})
@@ -393,9 +415,8 @@ def serve(cfg, out=sys.stdout) -> None:
             file=sys.stderr,
         )
     engine = server.engine.start()
-    params = sum(p.numel() for p in engine.model.parameters())
     out.write(
-        f"serving {server.name} ({params:,} parameters, {engine.slots} slots) at "
+        f"serving {server.name} ({engine.params_count:,} parameters, {engine.slots} slots) at "
         f"http://{host}:{port}/  (OpenAI API under /v1; Ctrl-C stops)\n"
     )
     out.flush()

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 FORMAT = 2  # 2: <|endoftext|> after each BPE document; digests of the .bin and the header
 BPE_CHUNK_CHARS = 1 << 16  # BPE encodes pieces of at most 64k characters ...
 BPE_BATCH_CHARS = 1 << 20  # ... about 1M characters of them at a time, on every core
+CHAR_BATCH_CHARS = 8 << 20  # characters: many small documents become one NumPy pass
 CHAR_SEPARATOR = "\n\n"  # between documents, for characters
 # after "<non-space>\n", before "<non-space>": GPT-2's pre-tokenizer splits here too
 _SAFE_CUT = re.compile(r"\S\n(?=\S)")
@@ -154,6 +155,19 @@ def _batched(items: Iterable[tuple[str, str | _End]], chars: int) -> Iterator[li
         yield batch
 
 
+def _joined(batches: Iterable[list]) -> Iterator[list]:
+    """Each batch with neighbouring texts of one split joined (characters encode alike either
+    way, and one long text is one vectorised pass instead of one per document)."""
+    for batch in batches:
+        joined: list[tuple[str, list[str]]] = []
+        for split, text in batch:
+            if joined and joined[-1][0] == split:
+                joined[-1][1].append(text)
+            else:
+                joined.append((split, [text]))
+        yield [(split, "".join(texts)) for split, texts in joined]
+
+
 def _ordered_map(fn, items: Iterable, workers: int) -> Iterator:
     """``map(fn, items)`` on ``workers`` threads, in order, with a bounded queue."""
     if workers <= 1:
@@ -256,7 +270,7 @@ def encode_stream(corpus: Corpus, tokenizer: Tokenizer, n_train: int, n_bytes: i
         pieces = iter_chunks(stream(corpus, eot=eot is not None), BPE_CHUNK_CHARS)
         batches, workers = _batched(split_at(pieces, n_train), BPE_BATCH_CHARS), 2
     else:  # characters need no cut points; NumPy releases the GIL, so threads share the work
-        batches = ([item] for item in split_at(stream(corpus, eot=False), n_train))
+        batches = _joined(_batched(split_at(stream(corpus, eot=False), n_train), CHAR_BATCH_CHARS))
         workers = cores
     end_ids = np.array([eot if eot is not None else 0], dtype=dtype)
 
@@ -298,7 +312,10 @@ def _header(corpus: Corpus, sha256: str, tokenizer: Tokenizer, info: Scan, val_f
 def _start(corpus, sha256, kind, vocab_size, val_fraction, tokenizer):
     """Passes 1 and 2: the header so far, and the tokenizer."""
     kind = tokenizer.kind if tokenizer is not None else kind
-    info = scan(corpus, want_chars=tokenizer is None and kind == "char", eot=kind == "bpe")
+    # documents end with <|endoftext|> where the vocabulary has it (a BPE learned here, GPT-2's),
+    # else a blank line separates them (characters, a BPE checkpoint from before): counted so
+    eot = tokenizer.eot_id is not None if tokenizer is not None else kind == "bpe"
+    info = scan(corpus, want_chars=tokenizer is None and kind == "char", eot=eot)
     n_train = int(info.n_chars * (1 - val_fraction))
     if tokenizer is None:
         tokenizer = build_tokenizer(corpus, kind, vocab_size, info, n_train)

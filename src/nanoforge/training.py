@@ -266,9 +266,28 @@ def _end(trainer, module, cfg: DictConfig, status: str, error: str = "") -> dict
     if trainer.is_global_zero and not trainer.fast_dev_run:
         # through logging: on the console and in train.log, for whoever tails a cluster job
         prompt = _prompt(trainer.datamodule)
-        text = end_of_run(result, cfg.paths.output_dir, prompt, next_steps=not _in_multirun())
+        text = end_of_run(
+            result,
+            cfg.paths.output_dir,
+            prompt,
+            next_steps=not _in_multirun(),
+            eval_data=_eval_data(trainer.datamodule, cfg.paths.data_dir),
+        )
         log.info("end of run\n" + text)
     return result
+
+
+def _eval_data(datamodule, data_dir: str) -> str:
+    """``data=... data.path=...`` for the end-of-run ``eval.py`` hint when the corpus lies
+    outside the data folder (``eval.py`` follows a recorded path only inside it)."""
+    import shlex
+
+    from nanoforge.corpora import corpus_outside
+
+    path = getattr(datamodule, "hparams", {}).get("path")
+    if not path or not corpus_outside(path, data_dir):
+        return ""
+    return f"data={datamodule.corpus} data.path={shlex.quote(str(path))}"
 
 
 def _prompt(datamodule) -> str | None:
