@@ -170,7 +170,9 @@ class RunCheckpoint(ModelCheckpoint):
         if trainer.fast_dev_run or trainer.state.fn != "fit":
             return
         folder = Path(self.dirpath)
-        trainer.save_checkpoint(folder / COOLDOWN_CKPT)  # every rank: it gathers their state
+        # every rank: it gathers their state; the full state, said so (else Lightning logs that
+        # weights_only defaulted to False, a line in the middle of the run's console)
+        trainer.save_checkpoint(folder / COOLDOWN_CKPT, weights_only=False)
         self._cooldown_saved_at = step
         if trainer.is_global_zero:
             best = Path(self.best_model_path) if self.best_model_path else None
