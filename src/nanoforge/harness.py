@@ -22,6 +22,8 @@ scores identically.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
 
 import torch
@@ -221,6 +223,34 @@ class NanoforgeLM(TemplateLM):
             if hits:
                 return text[: min(hits)]
         return text
+
+
+# --------------------------------------------------------------------------- quiet scoring
+@contextlib.contextmanager
+def quiet():
+    """The harness scoring without writing to the console (the training callback's scores go
+    to the loggers): no progress bars (the harness's request building, ``datasets``' split
+    generation) and no git subprocess, whose ``fatal: not a git repository`` reaches the
+    terminal whenever the run's folder is not a git checkout (the harness records a commit
+    hash in results we do not keep)."""
+    from unittest import mock
+
+    import datasets
+    import lm_eval.api.task
+    import lm_eval.evaluator
+    from tqdm import tqdm
+
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        with (
+            mock.patch.object(lm_eval.api.task, "tqdm", functools.partial(tqdm, disable=True)),
+            mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None),
+        ):
+            yield
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
 
 
 # --------------------------------------------------------------------------- eval.py tasks=
