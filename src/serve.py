@@ -15,7 +15,14 @@ hydra_setup.setup()
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="serve")
 def main(cfg: DictConfig) -> None:
-    from nanoforge.serving_app import serve  # here: `--help` answers without loading torch
+    try:  # here: `--help` answers without loading torch
+        from nanoforge.serving_app import serve
+    except ImportError as e:
+        if e.name not in ("fastapi", "uvicorn", "starlette"):
+            raise
+        from nanoforge.errors import fail
+
+        fail(f"serve.py needs FastAPI and uvicorn ({e.name} is missing): pip install -e '.[serve]'")
 
     hydra_setup.settle_imports()  # the import-time objects: no garbage collection walks them
 

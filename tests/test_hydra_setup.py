@@ -57,6 +57,25 @@ def test_a_user_error_exits_2_with_one_line_and_leaves_no_fresh_run_dir(job, cap
     assert not out.exists()
 
 
+def test_a_user_error_never_removes_the_folder_a_writeless_entry_point_runs_in(
+    job, tmp_path, monkeypatch, capsys
+):
+    """generate.py and serve.py run in ``.`` (no run directory): an empty working folder, or
+    one without Hydra's record, was removed with the failed run's "fresh" directory."""
+    cfg, out = job()
+    for name in (".hydra", "train.log"):
+        p = out / name
+        p.rmdir() if p.is_dir() else p.unlink()
+    with pytest.raises(SystemExit):
+        hydra_setup.run(fails, cfg)  # empty, no .hydra: not a folder this run made
+    assert out.is_dir()
+    (out / ".hydra").mkdir()
+    monkeypatch.chdir(out)
+    with pytest.raises(SystemExit):
+        hydra_setup.run(fails, cfg)  # the working folder itself
+    assert out.is_dir() and capsys.readouterr().err.count("error: data.path") == 2
+
+
 def test_a_user_error_keeps_a_run_dir_that_saved_a_checkpoint(job, capsys):
     cfg, out = job()
     (out / "checkpoints").mkdir()

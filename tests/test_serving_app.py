@@ -237,8 +237,11 @@ def test_limits_and_api_key(server, client, monkeypatch):
         server.api_key = None
 
 
-def test_health_models_and_the_page(server, client):
+def test_health_models_and_the_page(server, client, monkeypatch):
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    monkeypatch.setattr(type(server.engine), "alive", property(lambda self: False))
+    assert httpx.get(server.url + "/health").status_code == 503
+    monkeypatch.undo()
     assert [m.id for m in client.models.list()] == [NAME]
     page = httpx.get(server.url + "/").text
     assert "<textarea" in page and "/v1/completions" in page
@@ -260,7 +263,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no system chromium (apt install chromium)")
-def test_the_page_streams_text_in_headless_chromium(server, tmp_path):
+def test_the_page_streams_text_in_headless_chromium(server, tmp_path, monkeypatch):
     playwright = pytest.importorskip(
         "playwright.sync_api", reason='no playwright: pip install -e ".[browser]"'
     )
@@ -280,11 +283,22 @@ def test_the_page_streams_text_in_headless_chromium(server, tmp_path):
             text = page.text_content("#completion")
             status = page.text_content("#status")
             page.screenshot(path=tmp_path / "page.png")
+            # Stop: the stream closes, and the server frees the slot
+            monkeypatch.setattr(server.limits, "max_tokens", 10**6)
+            page.fill("#max_tokens", str(10**6))
+            page.click("#go")
+            page.wait_for_function("document.getElementById('completion').textContent.length > 5")
+            page.click("#stop")
+            page.wait_for_function("document.getElementById('status').textContent === 'stopped'")
+            deadline = time.monotonic() + 5
+            while server.engine.load and time.monotonic() < deadline:
+                time.sleep(0.01)
         finally:
             browser.close()
     assert len(text) == 120 and status.startswith("120 tokens")
     events = int(status.split("tokens/s, ")[1].split()[0])
     assert events > 1  # streamed, not in one piece
+    assert server.engine.load == 0
 
 
 @pytest.mark.slow
@@ -347,28 +361,3 @@ def test_a_decoding_bug_is_a_500_and_the_engine_goes_on(server, client, monkeypa
         client.completions.create(model=NAME, prompt="ab", max_tokens=3)
     monkeypatch.undo()
     assert client.completions.create(model=NAME, prompt="ab", max_tokens=3).choices[0].text
-
-
-def test_the_engine_in_its_own_process_gives_the_same_text_and_cancels(ckpt, server):
-    """serve.py's default: the engine in a spawned process (here driven without HTTP)."""
-    from nanoforge.serving import SamplingParams
-    from nanoforge.serving_app import build
-
-    remote = build(compose([f"ckpt={ckpt}"], config_name="serve")).engine.start()
-    try:
-        p = SamplingParams(max_tokens=40, temperature=0)
-        ids = TOK.encode("ROMEO:").tolist()
-        pieces = []
-        req = remote.submit(ids, p, lambda piece, reason: pieces.append(piece))
-        assert req.done.wait(30) and req.finish_reason == "length" and req.n_tokens == 40
-        here = server.engine.submit(ids, p)
-        assert here.done.wait(30) and req.text == here.text == "".join(pieces)
-        endless = remote.submit(ids, SamplingParams(max_tokens=10**6, temperature=0))
-        assert remote.load == 1
-        remote.cancel(endless)
-        assert remote.load == 0 and endless.done.is_set()
-        again = remote.submit(ids, p)  # the engine goes on
-        assert again.done.wait(30) and again.text == req.text
-    finally:
-        remote.stop()
-    assert not remote.process.is_alive()

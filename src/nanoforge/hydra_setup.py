@@ -146,11 +146,15 @@ _settled = False
 
 
 def _is_fresh(output_dir: Path, job_name: str) -> bool:
-    """True when the run directory holds only what Hydra wrote at start-up."""
+    """True when the run directory holds only what Hydra wrote at start-up (its ``.hydra``
+    record included): a folder the run made, never the working folder an entry point that
+    writes no run directory (``generate.py``, ``serve.py``: ``hydra.run.dir=.``) starts in."""
     try:
-        return set(os.listdir(output_dir)) <= {".hydra", f"{job_name}.log", "run.lock"}
+        names = set(os.listdir(output_dir))
+        here = output_dir.resolve() == Path.cwd().resolve()
     except OSError:
         return False
+    return not here and ".hydra" in names and names <= {".hydra", f"{job_name}.log", "run.lock"}
 
 
 def run(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:

@@ -190,7 +190,12 @@ class Server:
             def on_event(piece, reason, index=index):  # in the loop (the engine hands over)
                 queue.put_nowait((index, piece, reason))
 
-            reqs.append(self.engine.submit(ids, p, on_event, loop))
+            try:
+                reqs.append(self.engine.submit(ids, p, on_event, loop))
+            except RuntimeError as e:  # the engine has stopped (shutting down, or crashed)
+                for r in reqs:
+                    self.engine.cancel(r)
+                raise ApiError(str(e), status=503, kind="server_error") from None
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         return reqs, queue, rid
 
@@ -235,6 +240,8 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if not server.engine.alive:
+            return JSONResponse(error_body("the decode engine has stopped", "server_error"), 503)
         return {"status": "ok", "streams": server.engine.load}
 
     @app.get("/", response_class=HTMLResponse)
@@ -361,7 +368,7 @@ def build(cfg) -> Server:
     from nanoforge.checkpoint import load_model, resolve_checkpoint
     from nanoforge.inference import check_decode_dtype
     from nanoforge.machine import pick_device
-    from nanoforge.serving import EngineProcess, load_for_serving
+    from nanoforge.serving_process import EngineProcess, load_for_serving
 
     if not cfg.get("ckpt"):
         raise UserError("no checkpoint given: pass ckpt=RUN_DIR (or ckpt=last)")
