@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -79,7 +80,7 @@ def runs(request, tmp_path_factory, corpus):
     assert (extended / "run" / "checkpoints" / COOLDOWN_CKPT).is_file()
     hint = end_of_run(first, extended / "run").splitlines()
     (command,) = [line for line in hint if "resume=" in line]
-    overrides = command.split()[3:]  # python src/train.py resume=RUN <overrides>
+    overrides = shlex.split(command)[3:]  # python src/train.py resume=RUN <overrides>
     assert overrides == [f"trainer.max_steps={2 * STEPS}"]
     ckpt = f"ckpt_path={extended / 'run' / 'checkpoints' / 'last.ckpt'}"
     lines = []

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -557,5 +558,5 @@ class GracefulStop(L.Callback):
             return f"{self.signal} received: stopped at step {step}; nothing was saved."
         return (
             f"{self.signal} received: stopped at step {step} and saved {self.saved}. "
-            f"Resume with: python src/train.py resume={self.output_dir}"
+            f"Resume with: python src/train.py resume={shlex.quote(str(self.output_dir))}"
         )
