@@ -5,7 +5,7 @@ between their log-likelihoods.
 
     python bench/harness.py                         # GPT-2 124M shape, 64 requests, 3 rounds
     python bench/harness.py --layers 2 --width 128  # a quick look
-    flock /work/bench.lock python bench/harness.py  # on a shared machine: one bench at a time
+    flock LOCKFILE python bench/harness.py          # on a shared machine: one bench at a time
 
 The model is GPT-2 124M's shape with random weights (12 layers, 768 wide, 1,024 positions) and
 a byte-level BPE vocabulary learned here (``--vocab``, GPT-2's 50,257 by default, fewer if the

@@ -78,3 +78,36 @@ def test_mfu_counts_every_rank_against_every_device(monkeypatch):
     assert logged["throughput/mfu"] == pytest.approx(tokens_per_sec * 1_000 / (1e6 * 2))
     assert logged["memory/peak_mb"] > 0
     assert device_peak_flops(torch.device("cpu")) > 1e8  # measured, cached per thread count
+
+
+def test_a_moved_run_directory_keeps_its_best_checkpoint_record(tmp_path):
+    """Resumed after `mv RUN elsewhere`, a run forgot its best score (Lightning keeps it only
+    for an unchanged dirpath), so the first validation replaced best.ckpt whatever its loss."""
+    import torch
+
+    from nanoforge.callbacks import RunCheckpoint
+
+    old, new = tmp_path / "old" / "checkpoints", tmp_path / "new" / "checkpoints"
+    new.mkdir(parents=True)
+    (new / "best.ckpt").write_bytes(b"")
+    score = torch.tensor(1.5)
+    state = {
+        "dirpath": str(old),
+        "monitor": "val/loss",
+        "best_model_score": score,
+        "best_model_path": str(old / "best.ckpt"),
+        "kth_best_model_path": str(old / "best.ckpt"),
+        "kth_value": score,
+        "best_k_models": {str(old / "best.ckpt"): score},
+        "last_model_path": str(old / "last.ckpt"),
+    }
+    moved = RunCheckpoint(dirpath=new, filename="best", monitor="val/loss")
+    moved.load_state_dict(dict(state))
+    assert moved.best_model_score == score and moved.best_model_path == str(new / "best.ckpt")
+    assert moved.best_k_models == {str(new / "best.ckpt"): score}
+    # a checkpoint from another run (no best.ckpt here): as Lightning loads it
+    (new / "best.ckpt").unlink()
+    other = RunCheckpoint(dirpath=new, filename="best", monitor="val/loss")
+    with pytest.warns(UserWarning, match="dirpath has changed"):
+        other.load_state_dict(dict(state))
+    assert other.best_model_score is None

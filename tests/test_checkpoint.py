@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -187,7 +188,10 @@ def test_a_full_disk_is_one_line_naming_the_intact_checkpoint(tmp_path, monkeypa
             writer.save_checkpoint({"global_step": 20, "w": torch.zeros(3)}, target)
     message = str(e.value)
     assert "no space left on device while saving last.ckpt at step 20" in message
-    assert "from step 10 is intact" in message and f"resume={tmp_path / 'run'}" in message
+    assert (
+        "from step 10 is intact" in message
+        and f"resume={shlex.quote(str(tmp_path / 'run'))}" in message
+    )
     assert torch.load(target, weights_only=True)["global_step"] == 10
     assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]  # no temporary left
 
@@ -210,7 +214,7 @@ def test_the_file_size_limit_is_one_line_naming_the_intact_checkpoint(tmp_path):
     assert str(e.value) == (
         "the file size limit (ulimit -f) of 200,000 bytes was reached while saving last.ckpt "
         f"at step 20; {target} from step 10 is intact. Raise it (ulimit -f), then resume: "
-        f"python src/train.py resume={tmp_path / 'run'}"
+        f"python src/train.py resume={shlex.quote(str(tmp_path / 'run'))}"
     )
     assert torch.load(target, weights_only=True)["global_step"] == 10
     assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]  # no temporary left

@@ -250,3 +250,20 @@ def test_resume_last_says_which_run_before_anything(tmp_path, monkeypatch, capsy
     where = Path("logs/train/runs/r1")
     assert argv[-2] == f"hydra.run.dir={where}"
     assert capsys.readouterr().err == f"last = {where} (the most recent run with a checkpoint)\n"
+
+
+def test_resume_never_replays_a_recorded_harness_task_folder(tmp_path, capsys):
+    """callbacks.downstream.tasks_path is a plain value, but a task YAML there runs the Python
+    beside it (lm-eval's `!function utils.f`): resumed, a downloaded run ran its own code."""
+    override = "callbacks.downstream.tasks_path=/their/run/tasks"
+    run = make_run(tmp_path / "run", ["model=tiny", "callbacks=downstream", override])
+    with pytest.raises(SystemExit):
+        expand_resume(["train.py", f"resume={run}"])
+    err = capsys.readouterr().err
+    assert override in err and "!function" in err and err.count("\n") == 1
+    mine = "callbacks.downstream.tasks_path=my_tasks"  # given again: the user's own
+    assert expand_resume(["train.py", f"resume={run}", mine])[1:4] == [
+        "model=tiny",
+        "callbacks=downstream",
+        mine,
+    ]

@@ -193,3 +193,20 @@ def test_the_generate_hint_prompts_with_the_runs_own_corpus(text, prompt, tmp_pa
     if prompt:  # the hint's words go through the shell and the command line as they are
         argv = ["generate.py", *shlex.split(hint)[2:]]
         assert cli.check_command_line(argv, "generate")[2].strip('"') == f"prompt={prompt}"
+
+
+def test_the_next_commands_keep_a_run_path_with_a_space_one_word(tmp_path, monkeypatch):
+    """Under a folder with a space (TMPDIR="/tmp/tmp dir", "My Runs/"), the printed command
+    `resume=my runs/r1 trainer.max_steps=20` split into two words in the shell."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "my runs" / "r1"
+    summary = {"status": "finished", "steps": 10, "wall_seconds": 3.0, "val/loss": 2.0}
+    lines = end_of_run(summary, run).splitlines()
+    commands = [shlex.split(line) for line in lines[lines.index("next:") + 1 :]]
+    assert [c[2] for c in commands] == [
+        "ckpt=my runs/r1",
+        "ckpt=my runs/r1",
+        "resume=my runs/r1",
+        "my runs/r1",
+    ]
+    assert commands[2][3:] == ["trainer.max_steps=20"]

@@ -116,3 +116,27 @@ def test_a_sweep_ranks_jobs_by_a_downstream_score(tmp_path, tasks_path):
         values.append(status["value"])
     best = OmegaConf.load(sweep / "optimization_results.yaml")
     assert best.best_value == max(values)
+
+
+def test_scoring_during_training_prints_nothing(tasks_path, tmp_path, monkeypatch, capfd):
+    """The scores go to the loggers; the console keeps the run's own lines: no harness progress
+    bar and no ``fatal: not a git repository`` (the harness asks git for a commit) at each
+    scoring when the run starts outside a git checkout."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from nanoforge.downstream import DownstreamEval
+    from nanoforge.model import GPT, GPTConfig
+    from nanoforge.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer.from_text(TEXT)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, n_layer=1, n_embd=32, n_head=2))
+    module = SimpleNamespace(model=model, tokenizer=tokenizer, device=torch.device("cpu"))
+    callback = DownstreamEval(tasks=["tiny_mc"], tasks_path=str(tasks_path), limit=2)
+    monkeypatch.chdir(tmp_path)  # not a git checkout
+    capfd.readouterr()
+    assert "eval/tiny_mc/acc" in callback.score(module)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""

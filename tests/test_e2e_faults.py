@@ -9,6 +9,7 @@ in test_checkpoint.py.)
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -98,7 +99,7 @@ def test_sigterm_saves_flushes_and_says_how_to_resume(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143
-    assert f"Resume with: python src/train.py resume={run}" in err
+    assert f"Resume with: python src/train.py resume={shlex.quote(str(run))}" in err
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     metrics = json.loads((run / "metrics.json").read_text())  # flushed on the way out
     assert metrics["steps"] == last["global_step"] >= 10 and metrics["status"] == "stopped"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -79,7 +80,7 @@ def runs(request, tmp_path_factory, corpus):
     assert (extended / "run" / "checkpoints" / COOLDOWN_CKPT).is_file()
     hint = end_of_run(first, extended / "run").splitlines()
     (command,) = [line for line in hint if "resume=" in line]
-    overrides = command.split()[3:]  # python src/train.py resume=RUN <overrides>
+    overrides = shlex.split(command)[3:]  # python src/train.py resume=RUN <overrides>
     assert overrides == [f"trainer.max_steps={2 * STEPS}"]
     ckpt = f"ckpt_path={extended / 'run' / 'checkpoints' / 'last.ckpt'}"
     lines = []
@@ -231,3 +232,22 @@ def test_samples_after_the_resumed_step_are_dropped(tmp_path):
     drop_samples_after(path, 12)  # nothing more to drop
     drop_samples_after(tmp_path / "none.txt", 3)  # no file: nothing to do
     assert path.read_text(encoding="utf-8") == "".join(blocks[:2])
+
+
+def test_the_cool_down_checkpoint_is_the_full_state_and_says_so(tmp_path):
+    """Saved with weights_only unset, Lightning logs "`weights_only` was not set, defaulting
+    to `False`." into the middle of the run's console at the cool-down's step."""
+    from nanoforge.callbacks import RunCheckpoint
+
+    saved = []
+    callback = RunCheckpoint(dirpath=tmp_path)
+    trainer = SimpleNamespace(
+        max_steps=1000,
+        global_step=800,  # the default schedule's cool-down begins at 80 %
+        fast_dev_run=False,
+        state=SimpleNamespace(fn="fit"),
+        is_global_zero=False,
+        save_checkpoint=lambda path, **kwargs: saved.append((Path(path).name, kwargs)),
+    )
+    callback._save_cooldown_start(trainer, SimpleNamespace(optim_config=OptimConfig()))
+    assert saved == [(COOLDOWN_CKPT, {"weights_only": False})]

@@ -256,3 +256,19 @@ def test_lighter_dtypes_score_close_to_float32(exported, dtype):
     assert light == pytest.approx(full, rel=0.05)
     with pytest.raises(UserError, match="not a sampling dtype"):
         NanoforgeLM(ckpt=str(ckpt), device="cpu", dtype="float8")
+
+
+def test_eval_py_tasks_outside_a_git_checkout_leaves_out_gits_complaint(
+    exported, tasks_path, tmp_path, monkeypatch, capfd
+):
+    """The harness asks git for a commit hash; outside a checkout git printed
+    ``fatal: not a git repository`` among eval.py's lines."""
+    from omegaconf import OmegaConf
+
+    from nanoforge.harness import evaluate_tasks
+
+    monkeypatch.chdir(tmp_path)
+    cfg = {"ckpt": str(exported[0]), "tasks": "tiny_mc", "tasks_path": str(tasks_path)}
+    cfg |= {"batch_size": 4, "device": "cpu", "output": str(tmp_path / "eval.json")}
+    evaluate_tasks(OmegaConf.create(cfg | {"bootstrap_iters": 0}), io.StringIO())
+    assert "fatal" not in capfd.readouterr().err

@@ -326,3 +326,18 @@ def test_tutorial_commands_run_and_print_what_the_readme_shows(tmp_path):
     assert {"src/train.py", "src/generate.py"} <= set(ran), (
         f"the tutorial must train and sample: {ran}"
     )
+
+
+def test_no_file_names_a_path_of_the_machine_it_was_written_on():
+    """Docs, benchmarks and code say paths relative to the checkout (tests may build their own
+    temporary paths): a ``/work/...`` lock file in a recorded command is one no reader has."""
+    machine = re.compile(r"(?<![\w.])/(?:work|root|home/\w+)/")
+    tracked = [ROOT / "README.md", *DOCS, *BENCH_PAGES, *(ROOT / "bench").glob("*.py")]
+    tracked += [*(ROOT / "src").rglob("*.py"), *(ROOT / "configs").rglob("*.yaml")]
+    found = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in tracked
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if machine.search(line)
+    ]
+    assert not found, f"absolute paths of a machine: {found}"

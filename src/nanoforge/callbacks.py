@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -152,6 +153,33 @@ class RunCheckpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self._cooldown_saved_at: int | None = None
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """A run directory moved or copied elsewhere and resumed there: its checkpoints moved
+        with it, so the record of them moves too. Lightning keeps ``best_model_score`` only
+        when ``dirpath`` is unchanged; without it the first validation after the resume
+        replaced ``best.ckpt`` whatever its loss. A checkpoint from another run (its best
+        file not in this folder) loads as Lightning loads it."""
+        old = state_dict.get("dirpath")
+        best = state_dict.get("best_model_path") or ""
+        if old and self.dirpath and Path(old) != Path(self.dirpath) and best:
+            moved = Path(self.dirpath) / Path(best).name
+            if Path(best).parent == Path(old) and moved.is_file():
+
+                def here(path):
+                    return str(Path(self.dirpath) / Path(path).name) if path else path
+
+                state_dict = {
+                    **state_dict,
+                    "dirpath": self.dirpath,
+                    "best_model_path": here(best),
+                    "kth_best_model_path": here(state_dict.get("kth_best_model_path")),
+                    "last_model_path": here(state_dict.get("last_model_path")),
+                    "best_k_models": {
+                        here(k): v for k, v in (state_dict.get("best_k_models") or {}).items()
+                    },
+                }
+        super().load_state_dict(state_dict)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         # once per step: with gradient accumulation, every micro-batch ends here
@@ -170,7 +198,9 @@ class RunCheckpoint(ModelCheckpoint):
         if trainer.fast_dev_run or trainer.state.fn != "fit":
             return
         folder = Path(self.dirpath)
-        trainer.save_checkpoint(folder / COOLDOWN_CKPT)  # every rank: it gathers their state
+        # every rank: it gathers their state; the full state, said so (else Lightning logs that
+        # weights_only defaulted to False, a line in the middle of the run's console)
+        trainer.save_checkpoint(folder / COOLDOWN_CKPT, weights_only=False)
         self._cooldown_saved_at = step
         if trainer.is_global_zero:
             best = Path(self.best_model_path) if self.best_model_path else None
@@ -528,5 +558,5 @@ class GracefulStop(L.Callback):
             return f"{self.signal} received: stopped at step {step}; nothing was saved."
         return (
             f"{self.signal} received: stopped at step {step} and saved {self.saved}. "
-            f"Resume with: python src/train.py resume={self.output_dir}"
+            f"Resume with: python src/train.py resume={shlex.quote(str(self.output_dir))}"
         )

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import errno
+import shlex
 import shutil
 from pathlib import Path
 
@@ -92,7 +93,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
             fix = "Free some space" if why.startswith("no space") else "Raise it (ulimit -f)"
             then = (  # resume= continues from last.ckpt
-                f"resume: python src/train.py resume={run_dir}"
+                f"resume: python src/train.py resume={shlex.quote(str(run_dir))}"
                 if (path.parent / "last.ckpt").is_file()
                 else "start the run again (no checkpoint to resume from was saved yet)"
             )

@@ -294,6 +294,8 @@ def _recorded(overrides_file: Path) -> list[str]:
 # Hydra's instantiation keys: an override that sets one (or a value that holds one) builds an
 # object of whatever class or function it names
 _INSTANTIATE = re.compile(r"_(target|args|partial|recursive|convert)_")
+# lm-evaluation-harness task folders: a task YAML imports Python beside it (`!function x.f`)
+_TASK_FOLDER = re.compile(r"\btasks_path\b")
 # `${name:...}`: a resolver call (reads the environment, creates folders, ...), not a reference
 _RESOLVER = re.compile(r"\$\{\s*[\w.]+\s*:")
 
@@ -306,7 +308,8 @@ def unsafe_override(override: str) -> str | None:
     (``model=small``, ``hydra/launcher=slurm``; :func:`check_command_line` then checks the
     option is one of this checkout's configs). Not plain: a command-line flag
     (``--config-dir``), anything naming ``_target_`` or another instantiation key, a
-    resolver call ``${oc.env:...}``, Hydra's own settings (``hydra.searchpath``,
+    resolver call ``${oc.env:...}``, a harness ``tasks_path`` (its task YAMLs import Python),
+    Hydra's own settings (``hydra.searchpath``,
     ``hydra.callbacks``, ``hydra.job.env_set``), a group option that is a path.
     """
     if override.startswith("-"):
@@ -318,6 +321,8 @@ def unsafe_override(override: str) -> str | None:
         return "names an object to build (_target_)"
     if _RESOLVER.search(value):
         return "calls a resolver (${name:...})"
+    if _TASK_FOLDER.search(override):
+        return "names a folder of harness task files (a task's YAML can run Python: !function)"
     if key == "hydra" or key.startswith("hydra."):
         return "changes Hydra's own settings"
     group_like = "/" in key or "." not in key  # model=, hydra/launcher=, +experiment=

@@ -162,14 +162,15 @@ def end_of_run(
         lines.append(f"  best      {shown(summary['best/checkpoint'])}")
     if not next_steps:
         return "\n".join(lines)
+    arg = shlex.quote(run)  # commands to paste: a path with a space stays one word
     lines += [
         "next:",
-        f"  python src/generate.py ckpt={run}"
+        f"  python src/generate.py ckpt={arg}"
         + (f" prompt={shlex.quote(prompt)}" if prompt else ""),
-        f"  python src/eval.py ckpt={run}" + (f" {eval_data}" if eval_data else ""),
-        f"  python src/train.py resume={run}"
+        f"  python src/eval.py ckpt={arg}" + (f" {eval_data}" if eval_data else ""),
+        f"  python src/train.py resume={arg}"
         + (" " + " ".join(extend(summary)) if summary["status"] == "finished" else ""),
-        f"  tensorboard --logdir {run}",
+        f"  tensorboard --logdir {arg}",
     ]
     return "\n".join(lines)
 

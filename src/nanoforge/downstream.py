@@ -63,6 +63,7 @@ class DownstreamEval(L.Callback):
         from lm_eval import simple_evaluate
 
         from nanoforge.harness import NanoforgeLM
+        from nanoforge.harness import quiet as harness_quiet
 
         model = pl_module.model
         was_training = model.training
@@ -82,7 +83,7 @@ class DownstreamEval(L.Callback):
         cuda = pl_module.device.type == "cuda"
         devices = [pl_module.device.index or 0] if cuda else []
         try:
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=devices), harness_quiet():
                 results = simple_evaluate(
                     model=lm,
                     tasks=self.tasks,

@@ -22,6 +22,8 @@ scores identically.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
 
 import torch
@@ -223,6 +225,34 @@ class NanoforgeLM(TemplateLM):
         return text
 
 
+# --------------------------------------------------------------------------- quiet scoring
+@contextlib.contextmanager
+def quiet(bars: bool = False):
+    """The harness scoring without writing to the console (the training callback's scores go
+    to the loggers): no progress bars (the harness's request building, ``datasets``' split
+    generation; ``bars=True`` keeps them, for eval.py) and no git subprocess, whose ``fatal:
+    not a git repository`` reaches the terminal whenever the current folder is not a git
+    checkout (the harness records a commit hash in results we do not keep)."""
+    from unittest import mock
+
+    import datasets
+    import lm_eval.api.task
+    import lm_eval.evaluator
+    from tqdm import tqdm
+
+    enabled = datasets.is_progress_bar_enabled()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", str))
+        if not bars:
+            stack.enter_context(
+                mock.patch.object(lm_eval.api.task, "tqdm", functools.partial(tqdm, disable=True))
+            )
+            datasets.disable_progress_bars()
+            if enabled:
+                stack.callback(datasets.enable_progress_bars)
+        yield
+
+
 # --------------------------------------------------------------------------- eval.py tasks=
 def task_names(tasks) -> list[str]:
     """``tasks=a,b`` (a string) or ``tasks=[a,b]`` (a list) -> ["a", "b"]."""
@@ -290,16 +320,17 @@ def evaluate_tasks(cfg, out=sys.stdout) -> dict:
     )
     seed = cfg.get("seed")
     seeds = {} if seed is None else {"random_seed": int(seed), "numpy_random_seed": int(seed)}
-    results = simple_evaluate(
-        model=lm,
-        tasks=names,
-        num_fewshot=cfg.get("num_fewshot"),
-        limit=limit,
-        log_samples=bool(cfg.get("log_samples", False)),
-        bootstrap_iters=int(cfg.get("bootstrap_iters", 100000)),
-        task_manager=manager,
-        **seeds,
-    )
+    with quiet(bars=True):  # the bars stay; git's complaint outside a checkout goes
+        results = simple_evaluate(
+            model=lm,
+            tasks=names,
+            num_fewshot=cfg.get("num_fewshot"),
+            limit=limit,
+            log_samples=bool(cfg.get("log_samples", False)),
+            bootstrap_iters=int(cfg.get("bootstrap_iters", 100000)),
+            task_manager=manager,
+            **seeds,
+        )
     out.write(make_table(results) + "\n")
     target = eval_json_path(cfg, ckpt_path)
     record = read_json(target)

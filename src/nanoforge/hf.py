@@ -278,7 +278,39 @@ def hf_files(model: GPT, tokenizer) -> dict[str, bytes]:
             "(learned positions, LayerNorm, GELU, no QK-norm) export"
         )
     from safetensors.torch import save
+    from tokenizers import Tokenizer
 
+    if isinstance(tokenizer, CharTokenizer):
+        tok_json = char_tokenizer_json(tokenizer)
+    else:
+        tok_json = tokenizer.to_hf_json()
+    # BOS/EOS: <|endoftext|> where the vocabulary has it, else the newline (a character
+    # vocabulary reserves no special token): the token lm-evaluation-harness puts before a
+    # text with no context, the same one nanoforge's own adapter uses (nanoforge.harness)
+    eos = boundary_token(tokenizer)
+    eos_text = Tokenizer.from_str(tok_json).id_to_token(eos)
+    tok_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": False,  # decode gives back the exact text
+        "model_max_length": c.block_size,
+        "bos_token": eos_text,
+        "eos_token": eos_text,
+    }
+    # GPT-2's learned positions end at n_positions: transformers' generate() cannot slide
+    # past them (nanoforge's sampler can), so its default length stops at the context
+    generation = {"bos_token_id": eos, "eos_token_id": None, "max_length": c.block_size}
+    return {
+        "config.json": json.dumps(_gpt2_config(c, eos), indent=2).encode(),
+        "generation_config.json": json.dumps(generation, indent=2).encode(),
+        "model.safetensors": save(_gpt2_tensors(model), metadata={"format": "pt"}),
+        "tokenizer.json": tok_json.encode(),
+        "tokenizer_config.json": json.dumps(tok_config, indent=2).encode(),
+    }
+
+
+def _gpt2_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under GPT-2's names, transposed where GPT-2 uses Conv1D."""
+    c = model.config
     sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
     out = {"transformer.wte.weight": sd["wte.weight"], "transformer.wpe.weight": sd["wpe.weight"]}
     # bias=false models: GPT-2 always has biases, and zero ones compute the same
@@ -293,7 +325,12 @@ def hf_files(model: GPT, tokenizer) -> dict[str, bytes]:
             out[f"transformer.h.{i}.{theirs}"] = t.t().contiguous() if conv else t.contiguous()
     if not c.tie_head:
         out["lm_head.weight"] = sd["lm_head.weight"]
-    config = {
+    return out
+
+
+def _gpt2_config(c: GPTConfig, eos: int) -> dict:
+    """config.json of a GPT2LMHeadModel with our shape; ``eos`` is its BOS and EOS id."""
+    return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
         "vocab_size": c.vocab_size,
@@ -312,35 +349,8 @@ def hf_files(model: GPT, tokenizer) -> dict[str, bytes]:
         "use_cache": True,
         "tie_word_embeddings": c.tie_head,
         "torch_dtype": "float32",
-    }
-    if isinstance(tokenizer, CharTokenizer):
-        tok_json = char_tokenizer_json(tokenizer)
-    else:
-        tok_json = tokenizer.to_hf_json()
-    from tokenizers import Tokenizer
-
-    # BOS/EOS: <|endoftext|> where the vocabulary has it, else the newline (a character
-    # vocabulary reserves no special token): the token lm-evaluation-harness puts before a
-    # text with no context, the same one nanoforge's own adapter uses (nanoforge.harness)
-    eos = boundary_token(tokenizer)
-    config["bos_token_id"] = config["eos_token_id"] = eos
-    eos_text = Tokenizer.from_str(tok_json).id_to_token(eos)
-    tok_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "clean_up_tokenization_spaces": False,  # decode gives back the exact text
-        "model_max_length": c.block_size,
-        "bos_token": eos_text,
-        "eos_token": eos_text,
-    }
-    # GPT-2's learned positions end at n_positions: transformers' generate() cannot slide
-    # past them (nanoforge's sampler can), so its default length stops at the context
-    generation = {"bos_token_id": eos, "eos_token_id": None, "max_length": c.block_size}
-    return {
-        "config.json": json.dumps(config, indent=2).encode(),
-        "generation_config.json": json.dumps(generation, indent=2).encode(),
-        "model.safetensors": save(out, metadata={"format": "pt"}),
-        "tokenizer.json": tok_json.encode(),
-        "tokenizer_config.json": json.dumps(tok_config, indent=2).encode(),
+        "bos_token_id": eos,
+        "eos_token_id": eos,
     }
 
 

@@ -21,6 +21,7 @@ import csv
 import io
 import math
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -363,8 +364,8 @@ def end_of_sweep(rows: list[JobRow], sweep_dir: str | os.PathLike) -> str:
     lines.append(f"  report    {sweep}/report.md (+ .csv, .png)")
     lines.append("next:")
     if ok:
-        lines.append(f"  python src/generate.py ckpt={shown(best.dir)}")
-    lines.append(f"  tensorboard --logdir {sweep}")
+        lines.append(f"  python src/generate.py ckpt={shlex.quote(shown(best.dir))}")
+    lines.append(f"  tensorboard --logdir {shlex.quote(sweep)}")
     return "\n".join(lines)
 
 
