@@ -29,8 +29,8 @@ test-slurm:  ## start a one-node SLURM here (scripts/slurm-local.sh), run the sl
 	SLURM_CONF=$(CURDIR)/.slurm/slurm.conf $(PYTHON) -m pytest -m slurm -v; rc=$$?; \
 	  scripts/slurm-local.sh down; exit $$rc
 
-test-fast:  ## the unit tests only, no end-to-end subprocess runs (the edit loop)
-	$(PYTHON) -m pytest -m "not slow and not slurm"
+test-fast:  ## the edit loop: no test that starts torch in a fresh process (-m "not slow"), 2 processes
+	$(PYTHON) -m pytest -n 2 --dist loadfile -m "not slow and not slurm and not multinode"
 
 lint:  ## ruff lint + format check
 	$(PYTHON) -m ruff check src tests bench

@@ -149,6 +149,33 @@ def run_entry(script: str, *args: str, cwd: Path, timeout: int = 180, env: dict 
     )
 
 
+def run_main(script: str, *args: str, cwd: Path, monkeypatch, capsys):
+    """Run the entry point src/<script> in this process, as ``python src/<script> ARGS`` from
+    ``cwd`` would (its command-line checks, Hydra's main, the task runner): no interpreter to
+    start, for what a subprocess adds nothing to. Returns (exit code, stdout, stderr)."""
+    import runpy
+
+    import torch
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [str(SRC / script), *args])
+    threads, hydra_cfg = torch.get_num_threads(), HydraConfig.instance().cfg
+    capsys.readouterr()  # what the test printed before
+    try:
+        runpy.run_path(str(SRC / script), run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = hydra_cfg
+        torch.set_num_threads(threads)  # the entry point's threads= applies to its process
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def run_python(code: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 180):
     """``python -c CODE`` in a fresh interpreter (for what only a whole process shows: its
     imports, its environment, its state at exit); ``env``: the whole environment (default:

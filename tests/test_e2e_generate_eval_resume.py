@@ -14,7 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.helpers import make_text, run_dirs, run_entry, tb_dir
+from tests.helpers import make_text, run_dirs, run_entry, run_main, tb_dir
 
 pytestmark = pytest.mark.slow
 
@@ -106,29 +106,24 @@ def test_resume_of_a_non_run_is_a_clear_error(workdir):
 
 
 # --------------------------------------------------------------------------- generate.py, eval.py
-def test_generate_entry_point(workdir, straight_run):
-    r = run_entry(
-        "generate.py",
-        f"ckpt={straight_run}",
-        "prompt=JULIET:",
-        "max_new_tokens=25",
-        cwd=workdir,
-        timeout=60,
-    )
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("JULIET:") and len(r.stdout.rstrip("\n")) >= len("JULIET:") + 20
-    r = run_entry("generate.py", f"ckpt={straight_run}", "top_k=0", cwd=workdir, timeout=60)
-    assert r.returncode == 2 and "top_k" in r.stderr and "Traceback" not in r.stderr
+# in this process (tests.helpers.run_main): the same command line, Hydra and task runner
+def test_generate_entry_point(workdir, straight_run, monkeypatch, capsys):
+    args = [f"ckpt={straight_run}", "prompt=JULIET:", "max_new_tokens=25"]
+    code, out, err = run_main("generate.py", *args, cwd=workdir, **io_of(monkeypatch, capsys))
+    assert code == 0, err
+    assert out.startswith("JULIET:") and len(out.rstrip("\n")) >= len("JULIET:") + 20
+    args = [f"ckpt={straight_run}", "top_k=0"]
+    code, _, err = run_main("generate.py", *args, cwd=workdir, **io_of(monkeypatch, capsys))
+    assert code == 2 and "top_k" in err and "Traceback" not in err
 
 
-def test_eval_entry_point(workdir, straight_run):
-    r = run_entry(
-        "eval.py",
-        f"ckpt={straight_run}/checkpoints/last.ckpt",
-        f"output={workdir}/e.json",
-        cwd=workdir,
-        timeout=60,
-    )
-    assert r.returncode == 0, r.stderr
-    assert "val/loss=" in r.stdout and "perplexity=" in r.stdout
+def test_eval_entry_point(workdir, straight_run, monkeypatch, capsys):
+    args = [f"ckpt={straight_run}/checkpoints/last.ckpt", f"output={workdir}/e.json"]
+    code, out, err = run_main("eval.py", *args, cwd=workdir, **io_of(monkeypatch, capsys))
+    assert code == 0, err
+    assert "val/loss=" in out and "perplexity=" in out
     assert json.loads((workdir / "e.json").read_text())["tokens"] > 0
+
+
+def io_of(monkeypatch, capsys) -> dict:
+    return {"monkeypatch": monkeypatch, "capsys": capsys}

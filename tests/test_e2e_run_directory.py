@@ -146,10 +146,9 @@ def test_a_resume_on_other_text_or_into_a_run_in_use_is_refused_and_kill_9_leave
 
     first = popen(cwd, "resume=R", "trainer.max_steps=100000")
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and "Restored all states" not in (
-            (cwd / "R" / "train.log").read_text()
-        ):
+        deadline = time.time() + 120  # until it trains: resumed, the directory locked
+        while "resuming from" not in (cwd / "R" / "train.log").read_text():
+            assert time.time() < deadline and first.poll() is None, "the first never resumed"
             time.sleep(0.2)
         second = run_entry("train.py", "resume=R", "trainer.max_steps=100000", cwd=cwd)
         line = one_error_line(second)

@@ -65,8 +65,10 @@ def _prepare_for_sampling(model, dtype: str, device: torch.device):
     return model.to(getattr(torch, dtype))
 
 
-def generate(cfg: DictConfig, out=sys.stdout) -> list[str]:
-    """Sample ``num_samples`` continuations of ``prompt``; stream a single sample as it grows."""
+def generate(cfg: DictConfig, out=None) -> list[str]:
+    """Sample ``num_samples`` continuations of ``prompt``; stream a single sample as it grows
+    (to ``out``; None: the current sys.stdout, looked up at the call, not at import)."""
+    out = sys.stdout if out is None else out
     check_sampling_args(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
     if cfg.num_samples < 1:
         raise UserError(f"num_samples must be >= 1, got {cfg.num_samples}")
@@ -217,9 +219,11 @@ def evaluation_data(
     return TextDataModule(**args, tokenizer=tokenizer)
 
 
-def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
-    """Score a checkpoint on the whole validation split of its corpus (or of ``data=...``).
-    ``eval.py tasks=...`` runs ``nanoforge.harness.evaluate_tasks`` instead."""
+def evaluate(cfg: DictConfig, out=None) -> dict:
+    """Score a checkpoint on the whole validation split of its corpus (or of ``data=...``);
+    the result line to ``out`` (None: the current sys.stdout). ``eval.py tasks=...`` runs
+    ``nanoforge.harness.evaluate_tasks`` instead."""
+    out = sys.stdout if out is None else out
     from nanoforge.threads import apply
 
     apply(cfg.get("threads"))
