@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help install train test test-cluster test-slurm test-fast lint format tensorboard runs clean bench bench-data bench-serving
+.PHONY: help install train test test-cluster test-slurm test-fast lint format tensorboard runs clean bench bench-data bench-eval bench-serving
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ bench:  ## speed vs nanoGPT, start-up, threads on a shared machine, generation (
 
 bench-data:  ## data prep MB/s (char, BPE vs nanochat: NANOCHAT_DIR=checkout; every format), peak RSS, launch time (bench/data.py)
 	$(PYTHON) bench/data.py $(BENCH_ARGS)
+
+bench-eval:  ## lm-evaluation-harness: nanoforge's adapter against the harness's hf backend, GPT-2 shape (bench/harness.py)
+	$(PYTHON) bench/harness.py $(BENCH_ARGS)
 
 bench-serving:  ## serve.py: 8 concurrent streams against 1 over HTTP, beside LitServe (bench/serving.py)
 	$(PYTHON) bench/serving.py $(BENCH_ARGS)
