@@ -149,10 +149,12 @@ def run_entry(script: str, *args: str, cwd: Path, timeout: int = 180, env: dict 
     )
 
 
-def run_main(script: str, *args: str, cwd: Path, monkeypatch, capsys):
+def run_main(script: str, *args: str, cwd: Path, monkeypatch, capsys=None):
     """Run the entry point src/<script> in this process, as ``python src/<script> ARGS`` from
     ``cwd`` would (its command-line checks, Hydra's main, the task runner): no interpreter to
-    start, for what a subprocess adds nothing to. Returns (exit code, stdout, stderr)."""
+    start, for what a subprocess adds nothing to. Returns (exit code, stdout, stderr); with no
+    ``capsys`` (a module-scoped fixture, ``pytest.MonkeyPatch.context()`` as ``monkeypatch``)
+    the output is not captured and both are empty."""
     import runpy
 
     import torch
@@ -162,7 +164,8 @@ def run_main(script: str, *args: str, cwd: Path, monkeypatch, capsys):
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", [str(SRC / script), *args])
     threads, hydra_cfg = torch.get_num_threads(), HydraConfig.instance().cfg
-    capsys.readouterr()  # what the test printed before
+    if capsys is not None:
+        capsys.readouterr()  # what the test printed before
     try:
         runpy.run_path(str(SRC / script), run_name="__main__")
         code = 0
@@ -172,7 +175,7 @@ def run_main(script: str, *args: str, cwd: Path, monkeypatch, capsys):
         GlobalHydra.instance().clear()
         HydraConfig.instance().cfg = hydra_cfg
         torch.set_num_threads(threads)  # the entry point's threads= applies to its process
-    out, err = capsys.readouterr()
+    out, err = capsys.readouterr() if capsys is not None else ("", "")
     return code, out, err
 
 
