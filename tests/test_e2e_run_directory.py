@@ -25,7 +25,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.helpers import ROOT, SRC, clean_env, make_text, run_entry, run_main, with_pythonpath
+from tests.helpers import ROOT, SRC, clean_env, make_text, run_entry, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -216,7 +216,7 @@ def test_ckpt_path_of_another_model_size_is_one_line_and_leaves_no_directory(cwd
     assert not runs.exists() or list(runs.iterdir()) == []  # the new run left nothing
 
 
-def test_sigterm_in_a_long_validation_saves_and_exits_at_once_and_resumes_exactly(cwd):
+def test_sigterm_in_a_long_validation_saves_and_exits_at_once_and_resumes_exactly(cwd, train_here):
     # R (the fixture) is the straight 20-step run; this one is the same, but its validations
     # take 200,000 batches (many minutes): the first one starts at step 10
     probe = ["+callbacks.probe._target_=tests.test_e2e_run_directory.MarkValidation"]
@@ -240,11 +240,9 @@ def test_sigterm_in_a_long_validation_saves_and_exits_at_once_and_resumes_exactl
     metrics = json.loads((cwd / "S" / "metrics.json").read_text())
     assert metrics["steps"] == 10 and metrics["status"] == "stopped"
 
-    probe_path = with_pythonpath(ROOT)
     # the probe's _target_ is given again: resume= replays only plain values (docs/command-line.md)
-    args = ["resume=S", "data.val_batches=2", probe[0]]
-    r = run_entry("train.py", *args, cwd=cwd, env=probe_path)
-    assert r.returncode == 0, r.stderr[-2000:]
+    code, _, err = train_here(cwd, "resume=S", "data.val_batches=2", probe[0], fast=False)
+    assert code == 0, err[-2000:]
     resumed = torch.load(cwd / "S" / "checkpoints" / "last.ckpt", weights_only=True)
     straight = torch.load(cwd / "R" / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == straight["global_step"] == 20
