@@ -164,6 +164,7 @@ def run_main(script: str, *args: str, cwd: Path, monkeypatch, capsys=None):
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", [str(SRC / script), *args])
     threads, hydra_cfg = torch.get_num_threads(), HydraConfig.instance().cfg
+    logs = _logging_state()
     if capsys is not None:
         capsys.readouterr()  # what the test printed before
     try:
@@ -175,8 +176,37 @@ def run_main(script: str, *args: str, cwd: Path, monkeypatch, capsys=None):
         GlobalHydra.instance().clear()
         HydraConfig.instance().cfg = hydra_cfg
         torch.set_num_threads(threads)  # the entry point's threads= applies to its process
+        _restore_logging(logs)  # Hydra's job logging: the run's train.log handler, levels
     out, err = capsys.readouterr() if capsys is not None else ("", "")
     return code, out, err
+
+
+def _logging_state() -> dict:
+    """The handlers, level and flags of every logger (the root included)."""
+    import logging
+
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    return {
+        lg: (list(lg.handlers), lg.level, lg.disabled, lg.propagate)
+        for lg in loggers
+        if isinstance(lg, logging.Logger)
+    }
+
+
+def _restore_logging(state: dict) -> None:
+    """Put back what :func:`_logging_state` saw; close the handlers an entry point added (a run
+    directory's log file, maybe removed since): the next test logs where it did before."""
+    import logging
+
+    for lg in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        if not isinstance(lg, logging.Logger):
+            continue
+        handlers, level, disabled, propagate = state.get(lg, ([], logging.NOTSET, False, True))
+        for h in lg.handlers:
+            if h not in handlers:
+                h.close()
+        lg.handlers[:] = handlers
+        lg.level, lg.disabled, lg.propagate = level, disabled, propagate
 
 
 def run_python(code: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 180):
