@@ -195,18 +195,39 @@ def _logging_state() -> dict:
 
 def _restore_logging(state: dict) -> None:
     """Put back what :func:`_logging_state` saw; close the handlers an entry point added (a run
-    directory's log file, maybe removed since): the next test logs where it did before."""
+    directory's log file, maybe removed since): the next test logs where it did before. A
+    logger made during the run keeps its settings, less its log files."""
     import logging
 
     for lg in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
         if not isinstance(lg, logging.Logger):
             continue
-        handlers, level, disabled, propagate = state.get(lg, ([], logging.NOTSET, False, True))
+        if lg not in state:  # made during the run: keep it, less the files it writes to
+            for h in [h for h in lg.handlers if isinstance(h, logging.FileHandler)]:
+                h.close()
+                lg.removeHandler(h)
+            continue
+        handlers, level, disabled, propagate = state[lg]
         for h in lg.handlers:
             if h not in handlers:
                 h.close()
         lg.handlers[:] = handlers
         lg.level, lg.disabled, lg.propagate = level, disabled, propagate
+
+
+def event_files_sort_in_order() -> None:
+    """Make the next TensorBoard event files of this process sort in the order they are made.
+
+    Their names end in ``<time>.<host>.<pid>.<n>``, n a per-process counter: two files made in
+    the same second by one process (two runs of one test, in-process) sort as text, and
+    ``...9`` after ``...10``: TensorBoard then reads the later file first and drops the earlier
+    one's steps. Moving the counter up to a round number (never down: names stay unique) keeps
+    the next hundred files at one digit count."""
+    from tensorboard.summary.writer import event_file_writer
+
+    counter = event_file_writer._global_uid
+    with counter._lock:
+        counter._value = 10 ** len(str(counter._value + 100))
 
 
 def run_python(code: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 180):

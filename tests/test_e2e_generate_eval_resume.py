@@ -18,7 +18,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.helpers import make_text, run_dirs, run_main, tb_dir
+from tests.helpers import event_files_sort_in_order, make_text, run_dirs, run_main, tb_dir
 
 pytestmark = pytest.mark.slow
 
@@ -56,6 +56,7 @@ def straight_run(workdir) -> Path:
 # --------------------------------------------------------------------------- resume
 def test_resume_in_place_equals_straight_run(workdir, straight_run, monkeypatch, capsys):
     io = {"cwd": workdir, **io_of(monkeypatch, capsys)}
+    event_files_sort_in_order()  # the two halves' event files are read as one run
     code, _, err = run_main(
         "train.py", *COMMON, "trainer.max_steps=20", "hydra.run.dir=halves", **io
     )
