@@ -3,7 +3,8 @@ one tiny model trained in-process, an environment independent of the caller's sh
 checkout the suite leaves as it found it. The helpers (not fixtures) are in tests/helpers.py.
 
 Test files mirror the package (``test_<module>.py`` specifies ``nanoforge/<module>.py``);
-``test_e2e_*.py`` run the real entry points in subprocesses and are marked ``slow``.
+``test_e2e_*.py`` run the real entry points end to end (in subprocesses where only a process
+shows the behaviour) and are marked ``slow``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ _CHECKOUT = pytest.StashKey[set | None]()
 
 def pytest_configure(config):
     """Hypothesis keeps its example database in ``./.hypothesis``: here, a temporary folder
-    (set before collection, when ``@settings`` may already resolve the database's path)."""
+    (set before collection, when ``@settings`` may already resolve the database's path). The
+    files' order is kept for pytest-xdist (see pytest_collection_modifyitems)."""
+    # pytest-xdist (make test: -n 2 --dist loadfile) would hand out the files with the most
+    # tests first, the heavy end-to-end files (few tests each) last; keep the order above.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
     try:
         from hypothesis.configuration import set_hypothesis_home_dir
     except ImportError:
@@ -34,6 +40,15 @@ def pytest_configure(config):
     folder = Path(tempfile.mkdtemp(prefix="nanoforge-hypothesis-"))
     config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
     set_hypothesis_home_dir(folder)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with a ``slow`` test (the end-to-end ones, seconds each) run first, the many quick
+    files after them: ``make test``'s two processes take a file at a time as they finish, so the
+    quick files fill in at the end and neither process waits on the other's last heavy file.
+    (Only the order of whole files changes: a file's tests stay together, in their order.)"""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
 
 
 def pytest_sessionstart(session):

@@ -149,10 +149,12 @@ def run_entry(script: str, *args: str, cwd: Path, timeout: int = 180, env: dict 
     )
 
 
-def run_main(script: str, *args: str, cwd: Path, monkeypatch, capsys):
+def run_main(script: str, *args: str, cwd: Path, monkeypatch, capsys=None):
     """Run the entry point src/<script> in this process, as ``python src/<script> ARGS`` from
     ``cwd`` would (its command-line checks, Hydra's main, the task runner): no interpreter to
-    start, for what a subprocess adds nothing to. Returns (exit code, stdout, stderr)."""
+    start, for what a subprocess adds nothing to. Returns (exit code, stdout, stderr); with no
+    ``capsys`` (a module-scoped fixture, ``pytest.MonkeyPatch.context()`` as ``monkeypatch``)
+    the output is not captured and both are empty."""
     import runpy
 
     import torch
@@ -162,7 +164,9 @@ def run_main(script: str, *args: str, cwd: Path, monkeypatch, capsys):
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", [str(SRC / script), *args])
     threads, hydra_cfg = torch.get_num_threads(), HydraConfig.instance().cfg
-    capsys.readouterr()  # what the test printed before
+    logs = _logging_state()
+    if capsys is not None:
+        capsys.readouterr()  # what the test printed before
     try:
         runpy.run_path(str(SRC / script), run_name="__main__")
         code = 0
@@ -172,8 +176,58 @@ def run_main(script: str, *args: str, cwd: Path, monkeypatch, capsys):
         GlobalHydra.instance().clear()
         HydraConfig.instance().cfg = hydra_cfg
         torch.set_num_threads(threads)  # the entry point's threads= applies to its process
-    out, err = capsys.readouterr()
+        _restore_logging(logs)  # Hydra's job logging: the run's train.log handler, levels
+    out, err = capsys.readouterr() if capsys is not None else ("", "")
     return code, out, err
+
+
+def _logging_state() -> dict:
+    """The handlers, level and flags of every logger (the root included)."""
+    import logging
+
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    return {
+        lg: (list(lg.handlers), lg.level, lg.disabled, lg.propagate)
+        for lg in loggers
+        if isinstance(lg, logging.Logger)
+    }
+
+
+def _restore_logging(state: dict) -> None:
+    """Put back what :func:`_logging_state` saw; close the handlers an entry point added (a run
+    directory's log file, maybe removed since): the next test logs where it did before. A
+    logger made during the run keeps its settings, less its log files."""
+    import logging
+
+    for lg in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        if not isinstance(lg, logging.Logger):
+            continue
+        if lg not in state:  # made during the run: keep it, less the files it writes to
+            for h in [h for h in lg.handlers if isinstance(h, logging.FileHandler)]:
+                h.close()
+                lg.removeHandler(h)
+            continue
+        handlers, level, disabled, propagate = state[lg]
+        for h in lg.handlers:
+            if h not in handlers:
+                h.close()
+        lg.handlers[:] = handlers
+        lg.level, lg.disabled, lg.propagate = level, disabled, propagate
+
+
+def event_files_sort_in_order() -> None:
+    """Make the next TensorBoard event files of this process sort in the order they are made.
+
+    Their names end in ``<time>.<host>.<pid>.<n>``, n a per-process counter: two files made in
+    the same second by one process (two runs of one test, in-process) sort as text, and
+    ``...9`` after ``...10``: TensorBoard then reads the later file first and drops the earlier
+    one's steps. Moving the counter up to a round number (never down: names stay unique) keeps
+    the next hundred files at one digit count."""
+    from tensorboard.summary.writer import event_file_writer
+
+    counter = event_file_writer._global_uid
+    with counter._lock:
+        counter._value = 10 ** len(str(counter._value + 100))
 
 
 def run_python(code: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 180):

@@ -8,7 +8,7 @@ import pytest
 
 from nanoforge.errors import UserError
 from tests.harness_tasks import TEXT, write_tasks
-from tests.helpers import compose_run, make_text, run_entry, tb_dir
+from tests.helpers import compose_run, make_text, run_main, tb_dir
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 pytest.importorskip("lm_eval")
@@ -76,13 +76,15 @@ def test_a_bad_setting_stops_before_training(tasks_path):
 
 
 @pytest.mark.slow
-def test_a_sweep_ranks_jobs_by_a_downstream_score(tmp_path, tasks_path):
+def test_a_sweep_ranks_jobs_by_a_downstream_score(tmp_path, tasks_path, monkeypatch, capsys):
+    """The real entry point's Optuna sweep, in this process (tests.helpers.run_main: Hydra's
+    basic launcher runs the jobs in the sweep's process anyway)."""
     from omegaconf import OmegaConf
 
     from nanoforge import report
 
     (tmp_path / "corpus.txt").write_text(make_text(6_000) + TEXT, encoding="utf-8")
-    r = run_entry(
+    code, out, err = run_main(
         "train.py",
         "hparams_search=optuna",
         "hydra.sweeper.n_trials=2",
@@ -103,10 +105,10 @@ def test_a_sweep_ranks_jobs_by_a_downstream_score(tmp_path, tasks_path):
         f"callbacks.downstream.tasks_path={tasks_path}",
         "callbacks.downstream.limit=4",
         cwd=tmp_path,
-        timeout=300,
-        env={"HF_DATASETS_OFFLINE": "1"},
+        monkeypatch=monkeypatch,
+        capsys=capsys,
     )
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert code == 0, out[-2000:] + err[-3000:]
     (sweep,) = sorted((tmp_path / "logs" / "train" / "multiruns").glob("*"))
     values = []
     for job in ("0", "1"):

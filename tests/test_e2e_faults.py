@@ -3,7 +3,9 @@
 kill -9 at any moment leaves only complete checkpoints, and the run resumes to completion;
 SIGTERM saves, flushes and says how to resume (exit 143); a diverging run exits 2 naming the
 step. (The in-process NaN handling is in test_module.py, the checkpoint writer under kill -9
-in test_checkpoint.py.)
+in test_checkpoint.py.) The diverging run runs the entry point in this process
+(tests.helpers.run_main: the same command line, Hydra and task runner, the exit code as
+SystemExit); kills and signals need a process of their own.
 """
 
 from __future__ import annotations
@@ -20,27 +22,27 @@ import pytest
 import torch
 
 from nanoforge.checkpoint import check_resumable
-from tests.helpers import SRC, clean_env, make_text, tb_dir
+from tests.helpers import SRC, clean_env, make_text, run_main, tb_dir
 
 pytestmark = pytest.mark.slow
+
+
+ARGS = [
+    "model=tiny",
+    "data=text",
+    "data.path=corpus.txt",
+    "data.val_batches=1",
+    "trainer.val_check_interval=5",
+    "logger=tensorboard",
+    "callbacks.text_samples.max_new_tokens=10",
+    "trainer.max_steps=100000",
+]
 
 
 def _train(cwd: Path, *args: str) -> subprocess.Popen:
     env = clean_env()
     return subprocess.Popen(
-        [
-            sys.executable,
-            str(SRC / "train.py"),
-            "model=tiny",
-            "data=text",
-            "data.path=corpus.txt",
-            "data.val_batches=1",
-            "trainer.val_check_interval=5",
-            "logger=tensorboard",
-            "callbacks.text_samples.max_new_tokens=10",
-            "trainer.max_steps=100000",
-            *args,
-        ],
+        [sys.executable, str(SRC / "train.py"), *ARGS, *args],
         cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
@@ -108,16 +110,19 @@ def test_sigterm_saves_flushes_and_says_how_to_resume(tmp_path):
     assert "val/loss" in EventAccumulator(str(tb_dir(run))).Reload().Tags()["scalars"]
 
 
-def test_divergence_in_a_real_run_exits_2_naming_the_step(tmp_path):
+def test_divergence_in_a_real_run_exits_2_naming_the_step(tmp_path, monkeypatch, capsys):
     (tmp_path / "corpus.txt").write_text(make_text(20_000), encoding="utf-8")
-    proc = _train(
-        tmp_path,
+    code, _, err = run_main(
+        "train.py",
+        *ARGS,
         "optim.lr=1e30",
         "optim.warmup_steps=0",
         "trainer.max_steps=50",
         "trainer.gradient_clip_val=null",
+        cwd=tmp_path,
+        monkeypatch=monkeypatch,
+        capsys=capsys,
     )
-    _out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2, err[-2000:]
+    assert code == 2, err[-2000:]
     assert "error: the training loss became" in err and "at step" in err
     assert "Traceback" not in err

@@ -3,6 +3,10 @@
 A run resumed in place (resume=RUN_DIR) ends bit-for-bit where an uninterrupted one does, in
 the same directory; ckpt_path= continues into a new one; generate.py and eval.py work from a
 run directory or a .ckpt. (What generate and evaluate compute is in test_inference.py.)
+
+Every entry point runs in this process (tests.helpers.run_main: the same command line, Hydra
+and task runner): what a separate process shows (signals, kill -9, exit codes of a process) is
+in test_e2e_faults.py and test_e2e_run_directory.py.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.helpers import make_text, run_dirs, run_entry, run_main, tb_dir
+from tests.helpers import event_files_sort_in_order, make_text, run_dirs, run_main, tb_dir
 
 pytestmark = pytest.mark.slow
 
@@ -42,21 +46,25 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def straight_run(workdir) -> Path:
-    r = run_entry(
-        "train.py", *COMMON, "trainer.max_steps=40", "hydra.run.dir=straight", cwd=workdir
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    with pytest.MonkeyPatch.context() as mp:
+        args = [*COMMON, "trainer.max_steps=40", "hydra.run.dir=straight"]
+        code, _, _ = run_main("train.py", *args, cwd=workdir, monkeypatch=mp)
+    assert code == 0
     return workdir / "straight"
 
 
 # --------------------------------------------------------------------------- resume
-def test_resume_in_place_equals_straight_run(workdir, straight_run):
-    r = run_entry("train.py", *COMMON, "trainer.max_steps=20", "hydra.run.dir=halves", cwd=workdir)
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_resume_in_place_equals_straight_run(workdir, straight_run, monkeypatch, capsys):
+    io = {"cwd": workdir, **io_of(monkeypatch, capsys)}
+    event_files_sort_in_order()  # the two halves' event files are read as one run
+    code, _, err = run_main(
+        "train.py", *COMMON, "trainer.max_steps=20", "hydra.run.dir=halves", **io
+    )
+    assert code == 0, err[-3000:]
     half = workdir / "halves"
     assert json.loads((half / "metrics.json").read_text())["steps"] == 20
-    r = run_entry("train.py", f"resume={half}", "trainer.max_steps=40", cwd=workdir)
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, _, err = run_main("train.py", f"resume={half}", "trainer.max_steps=40", **io)
+    assert code == 0, err[-3000:]
     assert not run_dirs(workdir)  # no new timestamped directory: it continued in place
 
     a = json.loads((straight_run / "metrics.json").read_text())
@@ -80,9 +88,9 @@ def test_resume_in_place_equals_straight_run(workdir, straight_run):
     assert cfg.model.dropout == 0.1 and cfg.trainer.max_steps == 40
 
 
-def test_resume_with_ckpt_path(workdir, straight_run):
+def test_resume_with_ckpt_path(workdir, straight_run, monkeypatch, capsys):
     last = straight_run / "checkpoints" / "last.ckpt"
-    r = run_entry(
+    code, out, err = run_main(
         "train.py",
         *COMMON,
         "trainer.max_steps=50",
@@ -90,23 +98,25 @@ def test_resume_with_ckpt_path(workdir, straight_run):
         "optim.decay_steps=50",
         "hydra.run.dir=more",
         cwd=workdir,
+        **io_of(monkeypatch, capsys),
     )
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert code == 0, err[-3000:]
     # a longer decay: from where the cool-down began (step 32 of 40), as if planned for 50
-    assert "continuing from step 32, where the cool-down began" in r.stdout
-    assert "step 40/50: val/loss=" in r.stdout and "step 30/50: val/loss=" not in r.stdout
+    assert "continuing from step 32, where the cool-down began" in out
+    assert "step 40/50: val/loss=" in out and "step 30/50: val/loss=" not in out
     assert (
         torch.load(workdir / "more/checkpoints/last.ckpt", weights_only=True)["global_step"] == 50
     )
 
 
-def test_resume_of_a_non_run_is_a_clear_error(workdir):
-    r = run_entry("train.py", f"resume={workdir}", cwd=workdir, timeout=60)
-    assert r.returncode == 2 and "not a run directory" in r.stderr
+def test_resume_of_a_non_run_is_a_clear_error(workdir, monkeypatch, capsys):
+    code, _, err = run_main(
+        "train.py", f"resume={workdir}", cwd=workdir, **io_of(monkeypatch, capsys)
+    )
+    assert code == 2 and "not a run directory" in err
 
 
 # --------------------------------------------------------------------------- generate.py, eval.py
-# in this process (tests.helpers.run_main): the same command line, Hydra and task runner
 def test_generate_entry_point(workdir, straight_run, monkeypatch, capsys):
     args = [f"ckpt={straight_run}", "prompt=JULIET:", "max_new_tokens=25"]
     code, out, err = run_main("generate.py", *args, cwd=workdir, **io_of(monkeypatch, capsys))

@@ -1,8 +1,11 @@
 """End to end: a run directory belongs to one run, and a stop is fast and resumable.
 
-The real ``src/train.py`` in subprocesses: another run's directory is refused untouched, two
-processes never train in one directory, a resume never swaps the text or the model, SIGTERM
-during a long validation saves and exits at once, and every run ends with a validation.
+The real ``src/train.py``: another run's directory is refused untouched, two processes never
+train in one directory, a resume never swaps the text or the model, SIGTERM during a long
+validation saves and exits at once, and every run ends with a validation. What only a process
+shows (a second process, kill -9, SIGTERM, ulimit -f, a sweep's jobs) runs in subprocesses; the
+refusals and plain runs run in this process (tests.helpers.run_main: the same command line,
+Hydra and task runner, the exit code as SystemExit).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.helpers import ROOT, SRC, clean_env, make_text, run_entry, with_pythonpath
+from tests.helpers import ROOT, SRC, clean_env, make_text, run_entry, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -46,8 +49,10 @@ def trained(tmp_path_factory) -> Path:
     (folder / "a.txt").write_text(make_text(20_000, seed=1), encoding="utf-8")
     # another text over exactly the same characters: only its content differs
     (folder / "b.txt").write_text(make_text(20_000, seed=2), encoding="utf-8")
-    r = run_entry("train.py", *FAST, "trainer.max_steps=20", "hydra.run.dir=R", cwd=folder)
-    assert r.returncode == 0, r.stderr[-2000:]
+    with pytest.MonkeyPatch.context() as mp:
+        args = [*FAST, "trainer.max_steps=20", "hydra.run.dir=R"]
+        code, _, _ = run_main("train.py", *args, cwd=folder, monkeypatch=mp)
+    assert code == 0
     return folder
 
 
@@ -68,8 +73,16 @@ def digest(folder: Path) -> dict[str, str]:
     }
 
 
-def train(cwd: Path, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
-    return run_entry("train.py", *FAST, *args, cwd=cwd, timeout=timeout)
+@pytest.fixture
+def train_here(monkeypatch, capsys):
+    """``train_here(cwd, *args)``: ``python src/train.py FAST ARGS`` from ``cwd``, run in this
+    process; returns (exit code, stdout, stderr)."""
+
+    def run(cwd: Path, *args: str, fast: bool = True):
+        args = (*FAST, *args) if fast else args
+        return run_main("train.py", *args, cwd=cwd, monkeypatch=monkeypatch, capsys=capsys)
+
+    return run
 
 
 class MarkValidation(L.Callback):
@@ -96,23 +109,27 @@ def popen(cwd: Path, *args: str) -> subprocess.Popen:
     )
 
 
-def one_error_line(r: subprocess.CompletedProcess) -> str:
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert r.returncode == 2 and lines and lines[-1].startswith("error: "), r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
+def one_error_line(r: subprocess.CompletedProcess | tuple[int, str, str]) -> str:
+    """The one error line of a run (a subprocess's or train_here's) that exited 2."""
+    code, stderr = (r.returncode, r.stderr) if hasattr(r, "returncode") else (r[0], r[2])
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2 and lines and lines[-1].startswith("error: "), stderr[-2000:]
+    assert "Traceback" not in stderr
     return lines[-1]
 
 
-def test_another_runs_directory_is_refused_untouched_unless_overwrite(cwd):
+def test_another_runs_directory_is_refused_untouched_unless_overwrite(cwd, train_here):
     before = digest(cwd / "R")
-    r = train(cwd, "trainer.max_steps=10", "seed=7", "hydra.run.dir=R")
+    r = train_here(cwd, "trainer.max_steps=10", "seed=7", "hydra.run.dir=R")
     line = one_error_line(r)
     assert "another run's checkpoints" in line and "resume=R" in line and "overwrite=true" in line
     assert digest(cwd / "R") == before  # checkpoints, metrics, .hydra, train.log, events
 
     (cwd / "R" / "checkpoints" / "notes.md").write_text("mine")  # the user's, kept
-    r = train(cwd, "trainer.max_steps=10", "seed=7", "hydra.run.dir=R", "overwrite=true")
-    assert r.returncode == 0, r.stderr[-2000:]
+    code, _, err = train_here(
+        cwd, "trainer.max_steps=10", "seed=7", "hydra.run.dir=R", "overwrite=true"
+    )
+    assert code == 0, err[-2000:]
     metrics = json.loads((cwd / "R" / "metrics.json").read_text())
     assert metrics["steps"] == 10 and [h["step"] for h in metrics["history"]] == [10]
     assert len(list((cwd / "R" / "tensorboard").glob("*/events.*"))) == 1  # no mixed runs
@@ -122,7 +139,7 @@ def test_another_runs_directory_is_refused_untouched_unless_overwrite(cwd):
     mine.mkdir()
     (mine / "metrics.json").write_text("{}")
     (mine / "samples.txt").write_text("my notes")
-    r = train(cwd, "trainer.max_steps=10", "hydra.run.dir=mine", "overwrite=true")
+    r = train_here(cwd, "trainer.max_steps=10", "hydra.run.dir=mine", "overwrite=true")
     assert "mine is not a nanoforge run directory and is not empty" in one_error_line(r)
     assert digest(mine) == {
         "metrics.json": hashlib.sha256(b"{}").hexdigest(),
@@ -130,13 +147,16 @@ def test_another_runs_directory_is_refused_untouched_unless_overwrite(cwd):
     }
 
 
-def test_a_resume_on_other_text_or_into_a_run_in_use_is_refused_and_kill_9_leaves_no_lock(cwd):
+def test_a_resume_on_other_text_or_into_a_run_in_use_is_refused_and_kill_9_leaves_no_lock(
+    cwd, train_here
+):
     """A resume on other text is one line and keeps the run's record (the checks themselves,
     other model included: tests/test_checkpoint.py; fine-tuning with init_from=:
     tests/test_training.py); a second process never trains in a directory in use; kill -9
     leaves no lock: a plain resume=R works after both."""
     record = digest(cwd / "R" / ".hydra")
     checkpoints = digest(cwd / "R" / "checkpoints")
+    # a subprocess: the record is put back when the process exits (nanoforge.rundir)
     r = run_entry("train.py", "resume=R", "data.path=b.txt", "trainer.max_steps=30", cwd=cwd)
     line = one_error_line(r)
     assert "a.txt" in line and "b.txt" in line and "init_from=" in line
@@ -156,8 +176,8 @@ def test_a_resume_on_other_text_or_into_a_run_in_use_is_refused_and_kill_9_leave
     finally:
         first.kill()  # kill -9: the OS drops the lock with the process
         first.wait()
-    r = run_entry("train.py", "resume=R", "trainer.max_steps=30", cwd=cwd, timeout=180)
-    assert r.returncode == 0, r.stderr[-2000:]
+    code, _, err = train_here(cwd, "resume=R", "trainer.max_steps=30", fast=False)
+    assert code == 0, err[-2000:]
     assert json.loads((cwd / "R" / "metrics.json").read_text())["steps"] >= 30
 
 
@@ -187,14 +207,16 @@ def test_a_checkpoint_save_past_ulimit_f_is_one_line_and_keeps_the_last_good_fil
     assert digest(cwd / "R" / "checkpoints") == checkpoints  # nothing half-written
 
 
-def test_ckpt_path_of_another_model_size_is_one_line_and_leaves_no_directory(cwd):
-    r = train(cwd, "trainer.max_steps=20", "model.n_embd=32", "ckpt_path=R/checkpoints/last.ckpt")
+def test_ckpt_path_of_another_model_size_is_one_line_and_leaves_no_directory(cwd, train_here):
+    r = train_here(
+        cwd, "trainer.max_steps=20", "model.n_embd=32", "ckpt_path=R/checkpoints/last.ckpt"
+    )
     assert "n_embd 64 in the checkpoint, 32 in the config" in one_error_line(r)
     runs = cwd / "logs" / "train" / "runs"
     assert not runs.exists() or list(runs.iterdir()) == []  # the new run left nothing
 
 
-def test_sigterm_in_a_long_validation_saves_and_exits_at_once_and_resumes_exactly(cwd):
+def test_sigterm_in_a_long_validation_saves_and_exits_at_once_and_resumes_exactly(cwd, train_here):
     # R (the fixture) is the straight 20-step run; this one is the same, but its validations
     # take 200,000 batches (many minutes): the first one starts at step 10
     probe = ["+callbacks.probe._target_=tests.test_e2e_run_directory.MarkValidation"]
@@ -218,11 +240,9 @@ def test_sigterm_in_a_long_validation_saves_and_exits_at_once_and_resumes_exactl
     metrics = json.loads((cwd / "S" / "metrics.json").read_text())
     assert metrics["steps"] == 10 and metrics["status"] == "stopped"
 
-    probe_path = with_pythonpath(ROOT)
     # the probe's _target_ is given again: resume= replays only plain values (docs/command-line.md)
-    args = ["resume=S", "data.val_batches=2", probe[0]]
-    r = run_entry("train.py", *args, cwd=cwd, env=probe_path)
-    assert r.returncode == 0, r.stderr[-2000:]
+    code, _, err = train_here(cwd, "resume=S", "data.val_batches=2", probe[0], fast=False)
+    assert code == 0, err[-2000:]
     resumed = torch.load(cwd / "S" / "checkpoints" / "last.ckpt", weights_only=True)
     straight = torch.load(cwd / "R" / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == straight["global_step"] == 20
@@ -232,18 +252,17 @@ def test_sigterm_in_a_long_validation_saves_and_exits_at_once_and_resumes_exactl
     assert final[0]["val/loss"] == final[1]["val/loss"]
 
 
-def test_a_sweep_of_runs_shorter_than_the_validation_interval_validates_each(cwd):
-    r = run_entry(
-        "train.py",
+def test_a_sweep_of_runs_shorter_than_the_validation_interval_validates_each(cwd, train_here):
+    code, _, err = train_here(
+        cwd,
         "-m",
         *[a for a in FAST if not a.startswith("trainer.val_check_interval")],
         "optim.lr=1e-3,3e-3",
         "trainer.max_steps=7",  # the default interval is 250 steps
         "hydra.sweep.dir=sweep",
-        cwd=cwd,
-        timeout=300,
+        fast=False,
     )
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert code == 0, err[-3000:]
     for job in ("0", "1"):
         metrics = json.loads((cwd / "sweep" / job / "metrics.json").read_text())
         assert [h["step"] for h in metrics["history"]] == [7]

@@ -1,8 +1,11 @@
-"""End to end: real sweeps (`python src/train.py -m ...`) in subprocesses.
+"""End to end: real sweeps (`python src/train.py -m ...`).
 
 A multirun's jobs return their val/loss and the sweep writes its report; the parallel launcher
 runs jobs in worker processes and survives a failed job; Optuna counts a failed trial and goes
-on; the submitit launcher runs a job through submitit's local executor.
+on; the submitit launcher runs a job through submitit's local executor. A sweep with Hydra's
+basic launcher runs its jobs in the sweep's own process, so those sweeps run in this process
+(tests.helpers.run_main: the same command line, Hydra, sweeper and task runner); the launchers
+that start processes, and sweeps running at once, run in subprocesses.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from nanoforge import report
-from tests.helpers import SRC, clean_env, make_text, read_csv, run_entry
+from tests.helpers import SRC, clean_env, make_text, read_csv, run_entry, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -50,9 +53,10 @@ def sweep_dirs(cwd: Path, task: str = "train") -> list[Path]:
     return sorted((cwd / "logs" / task / "multiruns").glob("*"))
 
 
-def test_two_job_multirun_returns_val_loss_and_writes_the_report(workdir):
-    r = run_entry("train.py", "-m", *FAST, "optim.lr=1e-3,3e-3", cwd=workdir)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+def test_two_job_multirun_returns_val_loss_and_writes_the_report(workdir, monkeypatch, capsys):
+    io = {"cwd": workdir, "monkeypatch": monkeypatch, "capsys": capsys}
+    code, out, err = run_main("train.py", "-m", *FAST, "optim.lr=1e-3,3e-3", **io)
+    assert code == 0, out[-2000:] + err[-3000:]
     (sweep,) = sweep_dirs(workdir)
     assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+", sweep.name)
     assert not (workdir / "logs" / "train" / "runs").exists()  # jobs live in the sweep dir
@@ -75,10 +79,10 @@ def test_two_job_multirun_returns_val_loss_and_writes_the_report(workdir):
 
     # rebuilt from the directory alone, the same rows
     (sweep / "report.csv").unlink()
-    r2 = run_entry("report.py", str(sweep), cwd=workdir, timeout=60)
-    assert r2.returncode == 0, r2.stderr
+    code, out, err = run_main("report.py", str(sweep), **io)
+    assert code == 0, err
     assert read_csv(sweep / "report.csv") == rows
-    assert "| 0 | `optim.lr=0.001` | ok |" in r2.stdout
+    assert "| 0 | `optim.lr=0.001` | ok |" in out
 
 
 def test_parallel_launcher_runs_jobs_in_worker_processes_and_survives_a_failed_job(workdir):
@@ -132,7 +136,9 @@ def test_submitit_local_executor_runs_a_job(workdir):
     assert row["status"] == "ok" and math.isfinite(float(row["val_loss"]))
 
 
-def test_optuna_counts_a_failed_trial_and_keeps_continues_and_shares_its_study(workdir):
+def test_optuna_counts_a_failed_trial_and_keeps_continues_and_shares_its_study(
+    workdir, monkeypatch, capsys
+):
     """hparams_search=optuna, 2 trials: TPE samples warmup, weight decay, dropout and depth
     from configs/hparams_search/optuna.yaml; lr is narrowed here to {0.001, -1} so that one
     trial fails (seed 1234 draws -1 first). The failure is a failed trial, the search goes on,
@@ -141,8 +147,9 @@ def test_optuna_counts_a_failed_trial_and_keeps_continues_and_shares_its_study(w
     trial and run none twice; the report shows the whole study."""
     args = [sys.executable, str(SRC / "train.py"), "hparams_search=optuna"]
     args += ["hydra.sweeper.sampler.seed=1234", "optim.lr=choice(0.001,-1)", *FAST]
-    r = run_entry(*args[1:], "hydra.sweeper.n_trials=2", cwd=workdir, timeout=240)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    io = {"cwd": workdir, "monkeypatch": monkeypatch, "capsys": capsys}
+    code, out, err = run_main(*args[1:], "hydra.sweeper.n_trials=2", **io)  # one sweep: here
+    assert code == 0, out[-2000:] + err[-3000:]
     (sweep,) = sweep_dirs(workdir)
     rows = read_csv(sweep / "report.csv")
     assert [(row["job"], row["status"]) for row in rows] == [("0", "failed"), ("1", "ok")]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.helpers import SRC, clean_env, make_text, run_dirs, run_entry, tb_dir
+from tests.helpers import SRC, clean_env, make_text, run_dirs, run_entry, run_main, tb_dir
 
 pytestmark = pytest.mark.slow
 
@@ -148,18 +148,14 @@ def test_fast_dev_run_and_simultaneous_runs_get_their_own_directories(tmp_path):
         assert not list(d.glob("checkpoints/*.ckpt"))  # fast_dev_run saves nothing
 
 
-def test_user_error_exits_2_with_a_message_and_leaves_nothing(tmp_path):
-    r = run_entry(
-        "train.py",
-        "data=text",
-        "data.path=does/not/exist.txt",
-        "model=tiny",
-        cwd=tmp_path,
-        timeout=120,
-    )
-    assert r.returncode == 2
-    assert "error: data.path" in r.stderr and "does not exist" in r.stderr
-    assert "Traceback" not in r.stderr
+def test_user_error_exits_2_with_a_message_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """In this process (tests.helpers.run_main: the same command line, Hydra and task runner):
+    a process adds nothing to an error the task reports."""
+    args = ["data=text", "data.path=does/not/exist.txt", "model=tiny"]
+    code, _, err = run_main("train.py", *args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2
+    assert "error: data.path" in err and "does not exist" in err
+    assert "Traceback" not in err
     assert run_dirs(tmp_path) == []
 
 

@@ -32,7 +32,7 @@ from nanoforge.extension import (
 )
 from nanoforge.optim import OptimConfig
 from nanoforge.training import train
-from tests.helpers import compose_run, make_text, tb_dir
+from tests.helpers import compose_run, event_files_sort_in_order, make_text, tb_dir
 
 STEPS = 12  # wsd, cooldown_frac 0.2: the cool-down of a 12-step run begins at step 10
 
@@ -71,6 +71,7 @@ def runs(request, tmp_path_factory, corpus):
     every 4 or 5 steps: the cool-down of the 12-step run begins at step 10, where a
     validation falls when the interval is 5."""
     interval = f"trainer.val_check_interval={request.param}"
+    event_files_sort_in_order()  # both runs' event files are compared, some in one second
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is faster, and steadier on a busy machine
     planned = tmp_path_factory.mktemp("planned")

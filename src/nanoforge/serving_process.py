@@ -81,11 +81,13 @@ class EngineProcess:
         req = RemoteRequest(list(prompt_ids), on_event, loop)
         with self.lock:
             req.rid = self.next_rid = self.next_rid + 1
+            # known before the engine can answer: the reader drops pieces of unknown requests
+            self.requests[req.rid] = req
             try:
                 self.conn.send(("submit", req.rid, req.prompt_ids, params))
             except OSError:
+                self.requests.pop(req.rid, None)
                 raise RuntimeError("the decode engine has stopped") from None
-            self.requests[req.rid] = req
         return req
 
     def cancel(self, req: RemoteRequest) -> None:
