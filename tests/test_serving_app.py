@@ -90,8 +90,12 @@ def generate_py(ckpt: Path, prompt: str, tokens: int) -> str:
     return text[len(prompt) :]
 
 
-def test_greedy_text_is_generate_py_s_streamed_in_many_chunks(ckpt, client):
+def test_greedy_text_is_generate_py_s_streamed_in_many_chunks(ckpt, server, client, monkeypatch):
     expected = generate_py(ckpt, "ROMEO:", 60)
+    # pieces that wait in the queue go out as one event: a tiny model decodes 60 tokens faster
+    # than a busy machine's HTTP loop sends them, so each step is given a few milliseconds
+    step = server.engine._step
+    monkeypatch.setattr(server.engine, "_step", lambda: (time.sleep(0.005), step())[1])
     done = client.completions.create(model=NAME, prompt="ROMEO:", max_tokens=60, temperature=0)
     assert done.choices[0].text == expected and done.choices[0].finish_reason == "length"
     assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (6, 60)
