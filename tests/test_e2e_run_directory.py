@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -208,8 +209,9 @@ def test_a_checkpoint_save_past_ulimit_f_is_one_line_and_keeps_the_last_good_fil
     )
     line = one_error_line(r)
     assert "error: the file size limit (ulimit -f) of 600,000 bytes was reached while" in line
-    assert re.search(r"saving \w+\.ckpt at step \d+; \S+ from step \d+ is intact", line), line
-    assert line.endswith(f"Raise it (ulimit -f), then resume: python src/train.py resume={cwd}/R")
+    assert re.search(r"saving \w+\.ckpt at step \d+; .+ from step \d+ is intact", line), line
+    resume = shlex.quote(f"{cwd}/R")  # one shell word, with TMPDIR holding a space too
+    assert line.endswith(f"Raise it (ulimit -f), then resume: python src/train.py resume={resume}")
     assert digest(cwd / "R" / "checkpoints") == checkpoints  # nothing half-written
 
 
