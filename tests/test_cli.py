@@ -198,13 +198,13 @@ def test_resume_never_replays_a_recorded_override_that_runs_code(tmp_path, capsy
 @pytest.mark.parametrize(
     "override, why",
     [
-        ("--config-dir=/tmp/theirs", "command-line flag"),
+        ("--config-dir=../theirs", "command-line flag"),
         ("+callbacks.y={_target_:shutil.rmtree,path:/}", "_target_"),
         ("+callbacks.z._partial_=true", "_target_"),
         ("+tag=${oc.env:HOME}", "resolver"),
-        ("hydra.job.env_set.LD_PRELOAD=/tmp/x.so", "Hydra's own settings"),
-        ("hydra.searchpath=[file:///tmp/theirs]", "Hydra's own settings"),
-        ("callbacks=../../../tmp/theirs", "by a path"),
+        ("hydra.job.env_set.LD_PRELOAD=../theirs/x.so", "Hydra's own settings"),
+        ("hydra.searchpath=[file://../theirs]", "Hydra's own settings"),
+        ("callbacks=../../../theirs", "by a path"),
     ],
 )
 def test_resume_refuses_each_kind_of_recorded_override_that_could_run_code(

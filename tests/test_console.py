@@ -167,9 +167,9 @@ def test_end_of_run_says_how_it_ended_where_it_went_and_what_to_run_next(tmp_pat
     assert not any(line.startswith("  best ") for line in lines)
     # a corpus outside the data folder: eval.py is told which text (it does not follow a
     # recorded path there, test_inference.py)
-    mine = end_of_run(summary, run, eval_data="data=text data.path=/home/me/corpus.txt")
+    mine = end_of_run(summary, run, eval_data="data=text data.path=../elsewhere/corpus.txt")
     assert (
-        "  python src/eval.py ckpt=logs/train/runs/r1 data=text data.path=/home/me/corpus.txt"
+        "  python src/eval.py ckpt=logs/train/runs/r1 data=text data.path=../elsewhere/corpus.txt"
         in (mine.splitlines())
     )
 
@@ -196,7 +196,7 @@ def test_the_generate_hint_prompts_with_the_runs_own_corpus(text, prompt, tmp_pa
 
 
 def test_the_next_commands_keep_a_run_path_with_a_space_one_word(tmp_path, monkeypatch):
-    """Under a folder with a space (TMPDIR="/tmp/tmp dir", "My Runs/"), the printed command
+    """Under a folder with a space (a TMPDIR like "tmp dir", "My Runs/"), the printed command
     `resume=my runs/r1 trainer.max_steps=20` split into two words in the shell."""
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "my runs" / "r1"

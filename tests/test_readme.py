@@ -329,11 +329,13 @@ def test_tutorial_commands_run_and_print_what_the_readme_shows(tmp_path):
 
 
 def test_no_file_names_a_path_of_the_machine_it_was_written_on():
-    """Docs, benchmarks and code say paths relative to the checkout (tests may build their own
-    temporary paths): a ``/work/...`` lock file in a recorded command is one no reader has."""
-    machine = re.compile(r"(?<![\w.])/(?:work|root|home/\w+)/")
+    """Docs, benchmarks, code and tests say paths relative to the checkout (tests build their
+    temporary paths with tmp_path): a lock file of the workspace in a recorded command is one no
+    reader has."""
+    machine = re.compile(r"(?<![\w.])/(?:work|root|tmp|home/\w+)/")
     tracked = [ROOT / "README.md", *DOCS, *BENCH_PAGES, *(ROOT / "bench").glob("*.py")]
     tracked += [*(ROOT / "src").rglob("*.py"), *(ROOT / "configs").rglob("*.yaml")]
+    tracked += [*(ROOT / "tests").glob("*.py"), *(ROOT / "experiments").glob("*")]
     found = [
         f"{path.relative_to(ROOT)}:{number}"
         for path in tracked
