@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from nanoforge.errors import UserError
-from nanoforge.model import GPT, GPTConfig
+from nanoforge.model import GPT, GPTConfig, expected_shapes
 from nanoforge.runs import latest_run, say_last
 from nanoforge.tokenizer import same_tokenizer, tokenizer_from_state
 
@@ -81,16 +81,15 @@ def check_weights_fit(config: GPTConfig, state: dict, where: str) -> None:
     config is data from a file, and only the weights beside it show the real sizes (a few-kB
     checkpoint claiming ``block_size=4e9`` must not make ``GPT`` allocate for it). The
     expected shapes come from a model on the meta device, which holds no memory."""
-    with torch.device("meta"):
-        expected = GPT(config).state_dict()
+    expected = expected_shapes(config)
     for name, shape in expected.items():
         tensor = state.get(name)
         if tensor is None:
             raise UserError(f"{where}: the weights lack {name}, which its model config needs")
-        if tuple(tensor.shape) != tuple(shape.shape):
+        if tuple(tensor.shape) != tuple(shape):
             raise UserError(
                 f"{where}: tensor {name} has shape {tuple(tensor.shape)}, but the model config "
-                f"stored with it implies {tuple(shape.shape)}: the config and the weights disagree"
+                f"stored with it implies {tuple(shape)}: the config and the weights disagree"
             )
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from nanoforge.errors import UserError
-from nanoforge.model import GPT, GPTConfig
+from nanoforge.model import GPT, GPTConfig, expected_shapes
 from nanoforge.tokenizer import BPETokenizer, CharTokenizer, boundary_token
 
 # GPT-2's activation names in config.json -> ours
@@ -222,16 +222,14 @@ def _check_names(tensors: dict, expected: dict[str, str], config: GPTConfig, wei
 def _our_state(config: GPTConfig, tensors: dict, expected: dict, transposed: set, weights: Path):
     """GPT-2's tensors under our names, transposed where GPT-2 used Conv1D; every shape is
     checked against the one config.json implies before anything is allocated for it."""
-    # the shapes config.json implies, from a model on the meta device (no memory)
-    with torch.device("meta"):
-        state = GPT(config).state_dict()
+    state = expected_shapes(config)  # the shapes config.json implies (no memory)
     new_state = {}
     for ours, theirs in expected.items():
         t = tensors[theirs]
         if ours in transposed:
             t = t.t()
-        if tuple(t.shape) != tuple(state[ours].shape):
-            implied = tuple(state[ours].shape)[:: -1 if ours in transposed else 1]
+        if tuple(t.shape) != tuple(state[ours]):
+            implied = tuple(state[ours])[:: -1 if ours in transposed else 1]
             raise UserError(
                 f"{str(weights)!r}: tensor {theirs} has shape {tuple(tensors[theirs].shape)}, "
                 f"config.json implies {implied}"

@@ -624,3 +624,20 @@ class GPT(nn.Module):
             nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
             context = torch.cat([context, nxt[:, None]], dim=1)
             yield nxt
+
+
+def expected_shapes(config: GPTConfig) -> dict[str, torch.Size]:
+    """Each weight's shape in a ``GPT(config)``, from a model built on the meta device (no
+    memory). Its weight initialisation is skipped: initialising meta tensors runs PyTorch's
+    Python decompositions, which import ``torch._dynamo`` (over half a second of every
+    ``generate.py`` start; bench/startup.py)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            return {k: v.shape for k, v in GPT(config).state_dict().items()}
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
